@@ -1,0 +1,97 @@
+"""Convolutional building blocks shared by the SD-VAE encoder/decoder and the LiteVAE UNets.
+
+Attribute names follow the original LDM / Stable Diffusion first-stage code (``norm1``, ``conv1``,
+``nin_shortcut``, ``q``/``k``/``v``/``proj_out`` ...) so that official SD-VAE checkpoints load strictly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_count(channels: int, preferred: int = 32) -> int:
+    """Largest divisor of ``channels`` that is <= ``preferred`` (32 for SD widths, fewer for tiny ones).
+
+    The parameter count of GroupNorm does not depend on the group count, so this choice never
+    changes the published model sizes.
+    """
+    for groups in range(min(preferred, channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(group_count(channels, groups), channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: GN → SiLU → conv3×3 → GN → SiLU → dropout → conv3×3 (+ skip).
+
+    This is both SD's ``ResnetBlock`` (without time embedding) and the ADM-style ``ResBlock`` of the
+    LiteVAE pseudocode; the skip is identity or a 1×1 conv when the width changes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 norm_groups: int = 32):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.norm1 = Normalize(in_channels, norm_groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels, norm_groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nin_shortcut(x) if self.in_channels != self.out_channels else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with 1×1-conv projections (SD-VAE mid block), via SDPA."""
+
+    def __init__(self, channels: int, norm_groups: int = 32):
+        super().__init__()
+        self.norm = Normalize(channels, norm_groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+        # (B, 1, HW, C): one head over all spatial positions.
+        q, k, v = (p(hn).reshape(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3×3 conv with SD's asymmetric (0, 1, 0, 1) padding."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest ×2 followed by a 3×3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

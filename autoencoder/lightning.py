@@ -1,0 +1,164 @@
+"""Stage-1 LightningModule: trains any ``Autoencoder`` (LiteVAE or the SD-VAE baseline) with a GAN loss.
+
+Manual optimisation (Lightning 2 requires it for two optimizers): an autoencoder step and, once the
+discriminator is active, a discriminator step per batch. ``global_step`` counts autoencoder optimizer
+steps only, so ``max_steps``, ``disc_start`` and checkpoint intervals all mean the same thing.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ldm.ema import EMA
+from ldm.metrics.image import psnr, ssim
+from ldm.util import check_finite, instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+
+def _no_step_count() -> None:
+    """Replaces Lightning's per-step hook on the discriminator optimizer (see module docstring)."""
+
+
+class AutoencoderModule(pl.LightningModule):
+    def __init__(
+        self,
+        autoencoder: Mapping,
+        loss: Mapping,
+        ema_decay: float | None = 0.999,
+        betas: tuple[float, float] = (0.5, 0.9),
+        disc_learning_rate: float | None = None,
+        accumulate_grad_batches: int = 1,
+        grad_clip: float | None = None,
+        freeze_encoder: bool = False,
+        train_crop_schedule: Mapping[int, int] | None = None,
+        image_key: str = "image",
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.autoencoder = instantiate_from_config(autoencoder, where="model.params.autoencoder")
+        self.loss = instantiate_from_config(loss, where="model.params.loss")
+        self.ema = EMA(self.autoencoder, ema_decay) if ema_decay else None
+        self.betas, self.disc_learning_rate = tuple(betas), disc_learning_rate
+        self.accumulate_grad_batches, self.grad_clip = int(accumulate_grad_batches), grad_clip
+        self.freeze_encoder, self.image_key = freeze_encoder, image_key
+        # {step: size}: from `step` on, training batches are randomly cropped to `size` (paper Table 5:
+        # pretrain at 128, fine-tune at 256). Sorted so the last entry <= step wins.
+        self.train_crop_schedule = sorted((int(k), int(v)) for k, v in (train_crop_schedule or {}).items())
+        self.learning_rate = 1e-4  # set by the CLI from model.base_learning_rate
+        if freeze_encoder:
+            self.autoencoder.encoder.requires_grad_(False)
+
+    # ------------------------------------------------------------------ inputs
+    def train_crop_size(self, step: int) -> int | None:
+        size = None
+        for start, s in self.train_crop_schedule:
+            if step >= start:
+                size = s
+        return size
+
+    def get_input(self, batch: Mapping[str, Any], train: bool = False) -> torch.Tensor:
+        x = batch[self.image_key]
+        size = self.train_crop_size(self.global_step) if train else None
+        if size is not None and size < x.shape[-1]:
+            top, left = random.randint(0, x.shape[-2] - size), random.randint(0, x.shape[-1] - size)
+            x = x[..., top:top + size, left:left + size]
+        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+
+    def reconstruct(self, x: torch.Tensor, sample: bool = True):
+        encoder_ctx = torch.no_grad() if self.freeze_encoder else contextlib.nullcontext()
+        with encoder_ctx:
+            posterior = self.autoencoder.encode(x)
+        z = posterior.sample() if sample else posterior.mode()
+        return self.autoencoder.decode(z), posterior
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:  # every sample of this batch was unreadable (already counted and warned)
+            return
+        optimizers = self.optimizers()
+        opt_ae, opt_d = (optimizers if isinstance(optimizers, list) else (optimizers, None))
+        step = self.global_step
+        boundary = (batch_idx + 1) % self.accumulate_grad_batches == 0
+
+        x = self.get_input(batch, train=True)
+        xrec, posterior = self.reconstruct(x)
+        discriminator = getattr(self.loss, "discriminator", None)
+        if discriminator is not None:  # the generator's adversarial term must not fill D's gradients
+            discriminator.requires_grad_(False)
+        g_loss, logs = self.loss.generator_loss(x, xrec, posterior, step, last_layer=self.autoencoder.last_layer)
+        if discriminator is not None:
+            discriminator.requires_grad_(True)
+        check_finite(g_loss, step, logs)
+        self.manual_backward(g_loss / self.accumulate_grad_batches)
+        if boundary:
+            self._step(opt_ae)
+            if self.ema is not None:
+                self.ema.update(self.autoencoder)
+
+        if opt_d is not None and self.loss.disc_active(step):
+            d_loss, d_logs = self.loss.discriminator_loss(x, xrec.detach(), step)
+            check_finite(d_loss, step, d_logs)
+            logs = {**logs, **d_logs}
+            self.manual_backward(d_loss / self.accumulate_grad_batches)
+            if boundary:
+                opt_d._on_before_step = opt_d._on_after_step = _no_step_count
+                self._step(opt_d)
+        for keys, bar in (({"loss", "rec"}, True), (logs.keys() - {"loss", "rec"}, False)):
+            self.log_dict({f"train/{k}": logs[k] for k in keys}, prog_bar=bar, on_step=True, on_epoch=False,
+                          batch_size=x.shape[0])
+
+    def _step(self, optimizer) -> None:
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def configure_optimizers(self):
+        ae_params = [p for p in self.autoencoder.parameters() if p.requires_grad]
+        opt_ae = torch.optim.Adam(ae_params, lr=self.learning_rate, betas=self.betas)
+        discriminator = getattr(self.loss, "discriminator", None)
+        if discriminator is None:
+            return opt_ae
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=self.disc_learning_rate or self.learning_rate,
+                                 betas=self.betas)
+        return [opt_ae, opt_d]
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        x = self.get_input(batch)
+        models = {"": self.autoencoder, **({"_ema": self.ema.module} if self.ema is not None else {})}
+        metrics = {}
+        for suffix, model in models.items():
+            posterior = model.encode(x)
+            xrec = model.decode(posterior.mode())
+            metrics[f"val/psnr{suffix}"] = psnr(xrec, x).mean()
+            metrics[f"val/ssim{suffix}"] = ssim(xrec, x).mean()
+            if suffix == "":
+                _, logs = self.loss.generator_loss(x, xrec, posterior, self.global_step, last_layer=None)
+                metrics.update({f"val/{k}": v for k, v in logs.items()})
+            elif getattr(self.loss, "lpips", None) is not None:
+                metrics[f"val/lpips{suffix}"] = self.loss.lpips(xrec.float(), x.float()).mean()
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], split: str = "train", max_images: int = 8) -> dict:
+        x = self.get_input(batch)[:max_images]
+        xrec, _ = self.reconstruct(x, sample=False)
+        images = {"inputs": x, "reconstructions": xrec,
+                  "difference": ((x - xrec).abs().mean(1, keepdim=True).clamp(0, 1) * 2 - 1).expand_as(x)}
+        if self.ema is not None:
+            images["reconstructions_ema"] = self.ema.module.decode(self.ema.module.encode(x).mode())
+        return images
+
+    def inference_model(self, use_ema: bool = True) -> torch.nn.Module:
+        """The autoencoder to encode/decode with after training (EMA weights when available)."""
+        return self.ema.module if (use_ema and self.ema is not None) else self.autoencoder

@@ -1,0 +1,136 @@
+"""Lightning callbacks shared by both stages: config dump, image grids, throughput/memory, signals."""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+class SetupCallback(pl.Callback):
+    """Creates the run folder and writes the merged config (rank 0) when fitting starts."""
+
+    def __init__(self, logdir: str, config: DictConfig, now: str):
+        self.logdir, self.config, self.now = Path(logdir), config, now
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for sub in ("configs", "checkpoints", "images"):
+            (self.logdir / sub).mkdir(parents=True, exist_ok=True)
+        path = self.logdir / "configs" / f"{self.now}-project.yaml"
+        OmegaConf.save(self.config, path)
+        log.info("run folder %s (config saved to %s)", self.logdir, path.name)
+
+
+def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """[-1, 1] NCHW batch → one uint8 CHW grid (sqrt(N) columns by default)."""
+    images = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
+    return torchvision.utils.make_grid(images, nrow=nrow, padding=2)
+
+
+class ImageLogger(pl.Callback):
+    """Saves ``pl_module.log_images(batch, split)`` grids as PNG under ``images/{split}/``.
+
+    Train grids every ``every_n_steps`` optimizer steps; validation grids once per validation run
+    (first batch). Also forwards them to TensorBoard/wandb when such a logger is attached.
+    """
+
+    def __init__(self, logdir: str, every_n_steps: int = 1000, max_images: int = 8, log_first_step: bool = False):
+        self.root = Path(logdir) / "images"
+        self.every_n_steps, self.max_images, self.log_first_step = every_n_steps, max_images, log_first_step
+        self._last_train_step = -1
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, split: str) -> None:
+        if not hasattr(pl_module, "log_images"):
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            images = pl_module.log_images(batch, split=split, max_images=self.max_images)
+        pl_module.train(was_training)
+        if trainer.global_rank != 0:
+            return
+        out = self.root / split
+        out.mkdir(parents=True, exist_ok=True)
+        for name, tensor in images.items():
+            grid = to_uint8_grid(tensor)
+            path = out / f"{name}_gs-{trainer.global_step:07d}_e-{trainer.current_epoch:04d}.png"
+            torchvision.io.write_png(grid, str(path))
+            for logger in trainer.loggers:
+                experiment = getattr(logger, "experiment", None)
+                if hasattr(experiment, "add_image"):  # TensorBoard
+                    experiment.add_image(f"{split}/{name}", grid, trainer.global_step)
+                elif hasattr(logger, "log_image"):  # wandb
+                    logger.log_image(key=f"{split}/{name}", images=[grid.permute(1, 2, 0).numpy()],
+                                     step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        due = step % self.every_n_steps == 0 and (step > 0 or self.log_first_step)
+        if due and step != self._last_train_step:
+            self._last_train_step = step
+            self._log(trainer, pl_module, batch, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self._log(trainer, pl_module, batch, "val")
+
+
+class ThroughputMonitor(pl.Callback):
+    """Logs training samples/s and peak memory (CUDA allocator peak, or the process's max RSS on CPU)."""
+
+    def __init__(self, log_every_n_steps: int = 50):
+        self.log_every_n_steps = log_every_n_steps
+        self._t0, self._samples = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        images = batch.get("image") if isinstance(batch, dict) else None
+        self._samples += images.shape[0] if images is not None else 0
+        if (batch_idx + 1) % self.log_every_n_steps:
+            return
+        elapsed = time.perf_counter() - self._t0
+        metrics = {"perf/samples_per_sec": self._samples * trainer.world_size / max(elapsed, 1e-9)}
+        if pl_module.device.type == "cuda":
+            metrics["perf/peak_mem_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        else:
+            metrics["perf/max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._t0, self._samples = time.perf_counter(), 0
+
+
+class CheckpointOnSignal(pl.Callback):
+    """Saves ``last.ckpt`` at the next batch boundary after SIGUSR1 (e.g. SLURM's pre-emption warning)."""
+
+    def __init__(self, ckpt_path: str, sig: int = signal.SIGUSR1):
+        self.ckpt_path, self.sig = ckpt_path, sig
+        self._requested = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        try:
+            signal.signal(self.sig, self._request)
+        except ValueError:  # not in the main thread (e.g. some launchers); nothing to install
+            log.warning("cannot install signal handler for %s outside the main thread", self.sig)
+
+    def _request(self, signum, frame) -> None:
+        self._requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._requested:
+            self._requested = False
+            log.info("signal received: saving %s", self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path)

@@ -1,0 +1,205 @@
+"""The LDM-style command line: ``python main.py --base a.yaml [b.yaml ...] -t [key.path=value ...]``.
+
+Config layout (OmegaConf, merged left to right, dotlist overrides last)::
+
+    model:     {base_learning_rate: ..., target: ..., params: ...}
+    data:      {target: ldm.data.DataModule, params: ...}
+    lightning: {trainer: {...pl.Trainer kwargs...}, logger: {name: {target, params}},
+                callbacks: {name: {target, params}}, checkpoint: {...}, image_logger: {...}}
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from ldm.callbacks import CheckpointOnSignal, ImageLogger, SetupCallback, ThroughputMonitor
+from ldm.util import ConfigError, NonFiniteLossError, instantiate_from_config, load_state_dict, load_weights
+
+log = logging.getLogger("ldm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py", description="Train or evaluate a stage-1 autoencoder or a stage-2 latent diffusion model.",
+        epilog="Trailing key.path=value arguments override any config key, e.g. lightning.trainer.max_steps=1000.")
+    p.add_argument("-b", "--base", nargs="*", default=[], metavar="config.yaml",
+                   help="config files, merged left to right")
+    p.add_argument("-t", "--train", action="store_true", help="train (otherwise: validate only)")
+    p.add_argument("-r", "--resume", default="", help="resume from a run folder or a checkpoint")
+    p.add_argument("-n", "--name", default="", help="run name (default: the first config's file name)")
+    p.add_argument("-s", "--seed", type=int, default=23, help="global seed")
+    p.add_argument("-l", "--logdir", default="logs", help="parent folder of run folders")
+    p.add_argument("--scale_lr", action="store_true",
+                   help="scale the base LR by batch size x devices x nodes x accumulation (off by default)")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    p.add_argument("--init-from", default="", metavar="CKPT",
+                   help="initialise model weights from a checkpoint (weights only, fresh optimizers and step)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
+    opt, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognised arguments {bad} (config overrides must look like key.path=value)")
+    if opt.resume and opt.init_from:
+        parser.error("--resume and --init-from are exclusive (resume restores everything; init-from only weights)")
+    return opt, rest
+
+
+def resolve_resume(resume: str) -> tuple[Path, Path]:
+    """Map ``-r`` (run folder or checkpoint file) to (run folder, checkpoint)."""
+    path = Path(resume)
+    if path.is_file():
+        return path.parent.parent, path
+    if path.is_dir():
+        ckpt = path / "checkpoints" / "last.ckpt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"cannot resume: {ckpt} does not exist")
+        return path, ckpt
+    raise FileNotFoundError(f"cannot resume: {path} is neither a run folder nor a checkpoint")
+
+
+def load_config(bases: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    configs = []
+    for base in bases:
+        if not Path(base).is_file():
+            raise FileNotFoundError(f"config file not found: {base}")
+        configs.append(OmegaConf.load(base))
+    config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    for key in ("model",):
+        if key not in config:
+            raise ConfigError(f"the merged config has no '{key}' section (files: {list(bases)})")
+    config.setdefault("lightning", {})
+    return config
+
+
+def build_loggers(config: DictConfig, logdir: Path, run_name: str) -> list:
+    """CSV + TensorBoard by default (offline-safe); more (e.g. wandb) via ``lightning.logger``."""
+    specs = {
+        "csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv", "version": ""}},
+        "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger",
+                        "params": {"name": "tensorboard", "version": ""}},
+    }
+    specs = OmegaConf.merge(specs, config.lightning.get("logger") or {})
+    loggers = []
+    for name, spec in specs.items():
+        if spec is None:  # `lightning.logger.tensorboard=null` switches one off
+            continue
+        spec = OmegaConf.merge({"params": {"save_dir": str(logdir)}}, spec)
+        if name == "wandb":
+            spec = OmegaConf.merge({"params": {"name": run_name, "id": run_name}}, spec)
+        loggers.append(instantiate_from_config(spec, where=f"lightning.logger.{name}"))
+    return loggers
+
+
+def build_callbacks(config: DictConfig, logdir: Path, now: str) -> list[pl.Callback]:
+    ckpt_cfg = {"every_n_train_steps": 5000, "save_top_k": -1, **(config.lightning.get("checkpoint") or {})}
+    callbacks: list[pl.Callback] = [
+        SetupCallback(str(logdir), config, now),
+        ModelCheckpoint(dirpath=logdir / "checkpoints", filename="step={step:07d}", save_last=True,
+                        auto_insert_metric_name=False, **ckpt_cfg),
+        ImageLogger(str(logdir), **(config.lightning.get("image_logger") or {})),
+        ThroughputMonitor(),
+        CheckpointOnSignal(str(logdir / "checkpoints" / "last.ckpt")),
+    ]
+    for name, spec in (config.lightning.get("callbacks") or {}).items():
+        callbacks.append(instantiate_from_config(spec, where=f"lightning.callbacks.{name}"))
+    return callbacks
+
+
+def effective_lr(config: DictConfig, trainer: pl.Trainer, scale: bool) -> float:
+    base_lr = float(config.model.get("base_learning_rate", 1e-4))
+    if not scale:
+        log.info("learning rate %.3g (base_learning_rate, not scaled; --scale_lr to scale)", base_lr)
+        return base_lr
+    batch = int(config.data.params.batch_size)
+    accumulate = int(config.model.params.get("accumulate_grad_batches", 1))
+    factor = batch * trainer.num_devices * trainer.num_nodes * accumulate
+    log.info("learning rate %.3g = %d (batch) x %d (devices) x %d (nodes) x %d (accumulation) x %.3g (base)",
+             factor * base_lr, batch, trainer.num_devices, trainer.num_nodes, accumulate, base_lr)
+    return factor * base_lr
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opt, overrides = parse_args(argv)
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+
+    ckpt_path = None
+    bases = list(opt.base)
+    if opt.resume:
+        logdir, ckpt_path = resolve_resume(opt.resume)
+        bases = sorted(str(p) for p in (logdir / "configs").glob("*-project.yaml")) + bases
+        run_name = logdir.name
+    else:
+        if not bases:
+            build_parser().error("give at least one --base config (or -r to resume)")
+        name = opt.name or Path(bases[0]).stem
+        run_name = f"{now}_{name}"
+        logdir = Path(opt.logdir) / run_name
+    config = load_config(bases, overrides)
+
+    if opt.print_config:
+        print(OmegaConf.to_yaml(config))
+        return 0
+
+    pl.seed_everything(opt.seed, workers=True)
+    if "data" not in config:
+        raise ConfigError("the merged config has no 'data' section")
+    # Data first: a missing dataset path must fail before any model is built or compute spent.
+    data = instantiate_from_config(config.data, where="data")
+    model = instantiate_from_config(config.model, where="model")
+    if opt.init_from:
+        load_weights(model, load_state_dict(opt.init_from), strict=True, what=f"model (from {opt.init_from})")
+        log.info("initialised weights from %s (optimizers and step start fresh)", opt.init_from)
+
+    trainer_kwargs: dict[str, Any] = OmegaConf.to_container(config.lightning.get("trainer") or {}, resolve=True)
+    trainer = pl.Trainer(default_root_dir=str(logdir), logger=build_loggers(config, logdir, run_name),
+                         callbacks=build_callbacks(config, logdir, now), **trainer_kwargs)
+    model.learning_rate = effective_lr(config, trainer, opt.scale_lr)
+
+    if not opt.train:
+        trainer.validate(model, datamodule=data, ckpt_path=ckpt_path)
+        return 0
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except BaseException as err:
+        save_after_crash(trainer, model, logdir, err)
+        raise
+    if trainer.global_rank == 0:
+        trainer.save_checkpoint(logdir / "checkpoints" / "last.ckpt")
+    return 0
+
+
+def save_after_crash(trainer: pl.Trainer, model: torch.nn.Module, logdir: Path, err: BaseException) -> None:
+    """Keep the work of an interrupted run: save ``last.ckpt`` unless that could poison it."""
+    if isinstance(err, NonFiniteLossError):
+        log.error("non-finite loss: stopping; the last good checkpoint in %s is kept", logdir / "checkpoints")
+        return
+    if trainer.world_size > 1 or trainer.global_step == 0 or not all_finite(model):
+        return  # multi-process: a checkpoint here would need all ranks (barrier) and could hang
+    path = logdir / "checkpoints" / "last.ckpt"
+    log.error("%s: saving %s before exiting", type(err).__name__, path)
+    try:
+        trainer.save_checkpoint(path)
+    except Exception as save_err:  # never mask the original error
+        log.error("could not save the checkpoint: %s", save_err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The LightningDataModule behind every config's ``data:`` section (LDM-style ``{target:, params:}`` datasets)."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ldm.data.images import collate_skip_bad
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataModule(pl.LightningDataModule):
+    """Builds the ``train`` / ``validation`` / ``test`` datasets from their configs and serves loaders.
+
+    Datasets are built in ``__init__`` so a missing path or bad config fails at start, before any compute.
+    Map-style training sets are shuffled (Lightning swaps in a DistributedSampler under DDP); iterable
+    ones (WebDataset) split themselves by rank and worker and get no sampler. Validation and test are
+    never shuffled. Bad samples are dropped by ``collate_skip_bad``; a batch in which every sample was
+    bad arrives as ``None``.
+    """
+
+    def __init__(self, batch_size: int, num_workers: int = 0, train: Mapping | Dataset | None = None,
+                 validation: Mapping | Dataset | None = None, test: Mapping | Dataset | None = None,
+                 val_batch_size: int | None = None, shuffle: bool = True, pin_memory: bool | None = None,
+                 persistent_workers: bool | None = None):
+        super().__init__()
+        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
+            raise ValueError(f"data.params: batch sizes must be positive (batch_size={batch_size}, "
+                             f"val_batch_size={val_batch_size})")
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.shuffle = num_workers, shuffle
+        self._pin_memory = pin_memory
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        configs = {"train": train, "validation": validation, "test": test}
+        self.datasets = {name: self._build(name, cfg) for name, cfg in configs.items() if cfg is not None}
+        if not self.datasets:
+            raise ValueError("data.params: none of train / validation / test is configured")
+        # Lightning decides whether a split exists by whether its *_dataloader hook is overridden, so
+        # only the configured splits get one (an unconfigured validation is then skipped, not an error).
+        if "train" in self.datasets:
+            self.train_dataloader = self._train_dataloader
+        if "validation" in self.datasets:
+            self.val_dataloader = partial(self._eval_dataloader, "validation")  # partial: picklable
+        if "test" in self.datasets:
+            self.test_dataloader = partial(self._eval_dataloader, "test")
+
+    @staticmethod
+    def _build(name: str, cfg: Mapping | Dataset) -> Dataset:
+        if isinstance(cfg, Dataset):
+            return cfg
+        where = f"data.params.{name}"
+        try:
+            dataset = instantiate_from_config(cfg, where=where)
+        except Exception as e:  # e.g. FileNotFoundError from the dataset: keep its type, say which config
+            e.add_note(f"while building {where}")
+            raise
+        log.info("%s: %s", where, f"{len(dataset)} samples" if _has_len(dataset) else "streaming dataset")
+        return dataset
+
+    @property
+    def pin_memory(self) -> bool:
+        if self._pin_memory is not None:
+            return self._pin_memory
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        iterable = isinstance(dataset, IterableDataset)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and not iterable,
+                          num_workers=self.num_workers, collate_fn=collate_skip_bad, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+
+    def _train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], self.batch_size, self.shuffle)
+
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        return self._loader(self.datasets[split], self.val_batch_size, shuffle=False)
+
+    def skipped(self) -> dict[str, int]:
+        """Bad samples skipped so far per split (for datasets that count them; per rank)."""
+        return {name: ds.skipped for name, ds in self.datasets.items() if hasattr(ds, "skipped")}
+
+    def teardown(self, stage: str) -> None:
+        for name, count in self.skipped().items():
+            if count:
+                log.warning("data.params.%s: %d bad samples were skipped", name, count)
+
+
+def _has_len(dataset: Any) -> bool:
+    try:
+        len(dataset)
+        return True
+    except TypeError:
+        return False

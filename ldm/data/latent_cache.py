@@ -1,0 +1,548 @@
+"""Write first-stage latents to WebDataset shards (+ per-shard sidecars) and merge them into ``manifest.json``.
+
+Layout of an output folder (one ``manifest.json`` for all splits)::
+
+    {split}-r{rank:02d}-{index:06d}.tar    samples: __key__, mean.npy, std.npy[, mean_flip.npy, std_flip.npy]
+                                           [, cls][, txt], json ({"key", "source", "size"})
+    {split}-r{rank:02d}-{index:06d}.json   sidecar: count, skipped inputs, latent statistics, run plan
+    {split}-r{rank:02d}.done.json          the rank finished: its list of shards
+    manifest.json                          {"format", "splits": {split: {...}}}, written once every rank is done
+
+Crash safety: a shard is written to ``.tar.tmp``; its sidecar is written, then the tar is renamed to ``.tar``.
+A shard is complete iff its ``.tar`` exists. Rank ``r`` owns the dataset indices ``range(n)[r::world]`` and
+its shard ``i`` holds the fixed slice ``[i*N, (i+1)*N)`` of them, so a re-run knows which samples are
+already cached and each sample lands in exactly one shard. Streaming (WebDataset) sources have no index:
+shard ``i`` is then the ``i``-th run of N good samples of the rank's (unshuffled) stream.
+
+Statistics are of the posterior MEAN as stored (after the fp16/fp32 cast), unflipped, in float64 sufficient
+statistics (count, sum, sum of squares, min, max per channel) merged exactly across shards and ranks.
+Normalisation convention: ``z_norm = (z - shift) * scale_factor`` with ``shift`` = global mean and
+``scale_factor = 1 / global std`` (the std over all channels and positions).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import webdataset as wds
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+log = logging.getLogger(__name__)
+
+FORMAT = "litevae-latent-cache/1"
+FAIL_AFTER_ENV = "LITEVAE_CACHE_FAIL_AFTER"  # test hook: crash mid-shard after this many shards were closed
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the ``LITEVAE_CACHE_FAIL_AFTER`` test hook."""
+
+
+# ---------------------------------------------------------------------------------------------- names
+def shard_name(split: str, rank: int, index: int) -> str:
+    return f"{split}-r{rank:02d}-{index:06d}"
+
+
+def done_name(split: str, rank: int) -> str:
+    return f"{split}-r{rank:02d}.done.json"
+
+
+def tar_key(key: str) -> str:
+    """A tar-safe ``__key__``: WebDataset splits member names at the first dot, so keys have none."""
+    return str(key).replace(".", "_")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------- statistics
+class LatentStats:
+    """Per-channel float64 sufficient statistics of latents, mergeable exactly (sums, not running means)."""
+
+    def __init__(self, channels: int = 0):
+        self.count = 0  # elements per channel (samples × h × w)
+        self.sum = np.zeros(channels)
+        self.sumsq = np.zeros(channels)
+        self.min = np.full(channels, np.inf)
+        self.max = np.full(channels, -np.inf)
+        self.std_sum = np.zeros(channels)  # sum of the posterior std, for its mean
+
+    def update(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Add latents ``(N, C, h, w)`` (posterior mean and std)."""
+        m = mean.astype(np.float64).transpose(1, 0, 2, 3).reshape(mean.shape[1], -1)
+        s = std.astype(np.float64).transpose(1, 0, 2, 3).reshape(std.shape[1], -1)
+        if self.count == 0 and len(self.sum) != m.shape[0]:
+            self.__init__(m.shape[0])
+        self.count += m.shape[1]
+        self.sum += m.sum(1)
+        self.sumsq += (m * m).sum(1)
+        self.min = np.minimum(self.min, m.min(1))
+        self.max = np.maximum(self.max, m.max(1))
+        self.std_sum += s.sum(1)
+
+    def merge(self, other: "LatentStats") -> None:
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.__init__(len(other.sum))
+        self.count += other.count
+        for name in ("sum", "sumsq", "std_sum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.min, self.max = np.minimum(self.min, other.min), np.maximum(self.max, other.max)
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, **{k: getattr(self, k).tolist() for k in ("sum", "sumsq", "min", "max",
+                                                                            "std_sum")}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LatentStats":
+        out = cls(len(d["sum"]))
+        out.count = int(d["count"])
+        for k in ("sum", "sumsq", "min", "max", "std_sum"):
+            setattr(out, k, np.asarray(d[k], dtype=np.float64))
+        return out
+
+    def summary(self) -> dict:
+        """Per-channel and global mean/std/min/max, mean posterior std, and ``shift``/``scale_factor``."""
+        if self.count == 0:
+            return {"count": 0}
+        n = self.count
+        mean = self.sum / n
+        std = np.sqrt(np.maximum(self.sumsq / n - mean**2, 0.0))
+        g_mean = self.sum.sum() / (n * len(self.sum))
+        g_std = float(np.sqrt(max(self.sumsq.sum() / (n * len(self.sum)) - g_mean**2, 0.0)))
+        return {"count": n, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
+                "channel_min": self.min.tolist(), "channel_max": self.max.tolist(),
+                "min": float(self.min.min()), "max": float(self.max.max()),
+                "global_mean": float(g_mean), "global_std": g_std, "mean_posterior_std": (self.std_sum / n).tolist(),
+                "shift": float(g_mean), "scale_factor": 1.0 / g_std if g_std > 0 else 1.0,
+                "method": "exact float64 sums over every stored posterior mean (unflipped, after the dtype cast), "
+                          "merged from per-shard sidecars; z_norm = (z - shift) * scale_factor, "
+                          "scale_factor = 1 / global_std"}
+
+
+# --------------------------------------------------------------------------------------- data sources
+def dataset_config(config: Mapping | DictConfig, split: str) -> dict:
+    """The dataset ``{target, params}`` for ``split`` from a project config, a DataModule node, or itself."""
+    cfg = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    if "data" in cfg:
+        cfg = cfg["data"]
+    params = cfg.get("params") or {}
+    if split in params and isinstance(params[split], Mapping) and "target" in params[split]:
+        cfg = params[split]
+    if "target" not in cfg:
+        raise ValueError(f"data config has no dataset for split {split!r} (expected data.params.{split} or a "
+                         "{target, params} dataset node)")
+    return {"target": cfg["target"], "params": dict(cfg.get("params") or {})}
+
+
+def deterministic(config: Mapping) -> dict:
+    """Turn off random augmentation and shuffling: a cache must be a function of the source only."""
+    params = dict(config.get("params") or {})
+    for key, value in (("flip", False), ("crop", "center"), ("shuffle", 0), ("resampled", False),
+                       ("epoch_length", None)):
+        if key in params and params[key] != value:
+            log.info("data: %s=%r -> %r for caching (deterministic preprocessing)", key, params[key], value)
+            params[key] = value
+    return {"target": config["target"], "params": params}
+
+
+class IndexedSource(Dataset):
+    """``{"index", "sample" | None, "reason"}`` for a map-style dataset, so bad inputs are reported, not lost."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _source(self, i: int) -> Path | None:
+        root, files = getattr(self.dataset, "root", None), getattr(self.dataset, "files", None)
+        return Path(root) / files[i] if root is not None and files is not None else None
+
+    def _reason(self, i: int) -> str:
+        # The dataset returned None and logged why; re-open the file once to record the reason too.
+        path = self._source(i)
+        if path is None:
+            return "dataset returned no sample"
+        try:
+            from ldm.data.transforms import open_image, to_rgb_tensor
+
+            to_rgb_tensor(open_image(path, getattr(self.dataset, "min_size", 1)))
+        except Exception as e:  # noqa: BLE001 - any failure is the reason we report
+            return f"{type(e).__name__}: {e}"
+        return "dataset returned no sample"
+
+    def __getitem__(self, j: int) -> dict:
+        i = self.indices[j]
+        try:
+            sample = self.dataset[i]
+        except Exception as e:  # noqa: BLE001 - a bad input must not stop a long caching run
+            log.warning("skipping index %d: %s: %s", i, type(e).__name__, e)
+            sample, reason = None, f"{type(e).__name__}: {e}"
+        else:
+            reason = None if sample is not None else self._reason(i)
+        path = self._source(i)
+        meta = {"index": i, "source": str(path) if path is not None else None, "size": None}
+        if sample is not None and path is not None:
+            try:
+                with Image.open(path) as img:
+                    meta["size"] = list(img.size)
+            except Exception:  # noqa: BLE001 - the size is informative only
+                pass
+        return {"index": i, "sample": sample, "reason": reason, "meta": meta}
+
+
+class StreamSource(IterableDataset):
+    """Wraps a streaming dataset in the same record format as ``IndexedSource`` (bad samples are dropped
+    by the dataset itself and only counted)."""
+
+    def __init__(self, dataset: IterableDataset):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[dict]:
+        for sample in self.dataset:
+            if sample is not None:
+                yield {"index": None, "sample": sample, "reason": None,
+                       "meta": {"index": None, "source": None, "size": None}}
+
+
+def collate_records(records: list[dict]) -> dict:
+    """Stack the good images; keep every record (good or bad) with its metadata, in order."""
+    good = [r["sample"] for r in records if r["sample"] is not None]
+    images = torch.stack([s["image"] for s in good]) if good else None
+    return {"records": records, "image": images}
+
+
+# ------------------------------------------------------------------------------------------- writing
+@dataclass
+class CacheOptions:
+    out_dir: str
+    split: str = "train"
+    samples_per_shard: int = 1000
+    batch_size: int = 32
+    num_workers: int = 0
+    flip: bool = False
+    dtype: str = "float16"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.samples_per_shard < 1 or self.batch_size < 1:
+            raise ValueError("samples_per_shard and batch_size must be positive")
+        if "-" in self.split or "/" in self.split:
+            raise ValueError(f"split name {self.split!r} must not contain '-' or '/'")
+
+
+class _Shard:
+    """One shard being written: ``.tar.tmp`` + statistics; ``close`` writes the sidecar, then renames."""
+
+    def __init__(self, out: Path, name: str, index: int, rank: int):
+        self.out, self.name, self.index, self.rank = out, name, index, rank
+        self.tmp = out / f"{name}.tar.tmp"
+        self.writer = wds.TarWriter(str(self.tmp), encoder=False)
+        self.stats, self.count, self.skipped = LatentStats(), 0, []
+        self.latent_shape: list[int] | None = None
+        self.image_shape: list[int] | None = None
+
+    def write(self, sample: dict[str, bytes], mean: np.ndarray, std: np.ndarray, image_shape: list[int]) -> None:
+        self.writer.write(sample)
+        self.latent_shape, self.image_shape = list(mean.shape), image_shape
+        self.stats.update(mean[None], std[None])
+        self.count += 1
+
+    def close(self, plan: dict) -> dict:
+        self.writer.close()
+        record = {"name": self.name, "rank": self.rank, "index": self.index, "count": self.count,
+                  "skipped": self.skipped, "latent_shape": self.latent_shape, "image_shape": self.image_shape,
+                  "stats": self.stats.to_dict(), "plan": plan}
+        write_json_atomic(self.out / f"{self.name}.json", record)
+        os.replace(self.tmp, self.out / f"{self.name}.tar")  # the commit point
+        return record
+
+
+def _encode(model: torch.nn.Module, x: torch.Tensor, flip: bool, precision: str, device: torch.device
+            ) -> tuple[torch.Tensor, ...]:
+    x = x.to(device, non_blocking=True)
+    n = len(x)
+    if flip:
+        x = torch.cat([x, x.flip(-1)])
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        posterior = model.encode(x)
+    mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # the posterior is fp32 anyway
+    return (mean[:n], std[:n], mean[n:], std[n:]) if flip else (mean, std, None, None)
+
+
+def _sample_bytes(record: dict, dtype: str, mean, std, mean_f, std_f) -> tuple[dict, np.ndarray, np.ndarray]:
+    sample, meta = record["sample"], record["meta"]
+    m, s = mean.numpy().astype(dtype), std.numpy().astype(dtype)
+    out = {"__key__": tar_key(sample["key"]), "mean.npy": npy_bytes(m), "std.npy": npy_bytes(s)}
+    if mean_f is not None:
+        out["mean_flip.npy"] = npy_bytes(mean_f.numpy().astype(dtype))
+        out["std_flip.npy"] = npy_bytes(std_f.numpy().astype(dtype))
+    if "cls" in sample:
+        out["cls"] = str(int(sample["cls"])).encode()
+    if "txt" in sample:
+        out["txt"] = str(sample["txt"]).encode("utf-8")
+    info = {"key": str(sample["key"]), "source": meta["source"], "size": meta["size"]}
+    out["json"] = json.dumps(info).encode()
+    return out, m, s
+
+
+def rank_indices(n: int, rank: int, world: int) -> list[int]:
+    return list(range(n))[rank::world]
+
+
+def existing_plans_check(out: Path, split: str, plan: dict) -> None:
+    """Refuse to mix shards of a different plan (world size, shard size, model...) into one split."""
+    for side in out.glob(f"{split}-r[0-9][0-9]-[0-9]*.json"):
+        other = json.loads(side.read_text()).get("plan", {})
+        diff = {k: (other.get(k), v) for k, v in plan.items() if other.get(k) != v}
+        if diff and (out / f"{side.stem}.tar").exists():
+            raise RuntimeError(f"{out} already holds {split} shards made with different settings {diff} "
+                               f"(e.g. {side.name}); re-run with the same settings or use a new output folder")
+
+
+def cache_rank(model: torch.nn.Module, dataset: Dataset, opts: CacheOptions, rank: int = 0, world: int = 1,
+               device: str | torch.device = "cpu", plan_extra: Mapping | None = None,
+               progress: bool = False, info: Mapping | None = None) -> dict:
+    """Encode this rank's part of ``dataset`` into its shards, skipping shards already complete.
+
+    Returns ``{"written", "skipped", "shards", "seconds"}`` for this call (complete shards from an earlier run
+    are not counted). Writes ``{split}-r{rank}.done.json`` at the end, holding ``info`` (manifest fields).
+    """
+    out, device, n_per = Path(opts.out_dir), torch.device(device), opts.samples_per_shard
+    out.mkdir(parents=True, exist_ok=True)
+    streaming = isinstance(dataset, IterableDataset)
+    plan = {"world_size": world, "samples_per_shard": n_per, "flip": opts.flip, "dtype": opts.dtype,
+            "dataset_len": None if streaming else len(dataset), **dict(plan_extra or {})}
+    if streaming:
+        plan["num_workers"] = opts.num_workers  # the stream order depends on it
+    existing_plans_check(out, opts.split, plan)
+    for stale in out.glob(f"{opts.split}-r{rank:02d}-*.tar.tmp"):
+        log.info("removing partial shard %s from an interrupted run", stale.name)
+        stale.unlink()
+
+    def complete(i: int) -> bool:
+        return (out / f"{shard_name(opts.split, rank, i)}.tar").exists() and \
+            (out / f"{shard_name(opts.split, rank, i)}.json").exists()
+
+    if streaming:
+        source, offset, total_shards = StreamSource(dataset), 0, None
+        while complete(offset):  # shards of a stream are complete as a prefix
+            offset += 1
+        if (out / done_name(opts.split, rank)).exists():
+            total_shards = json.loads((out / done_name(opts.split, rank)).read_text())["num_shards"]
+        first_position = offset * n_per
+        if total_shards is not None and offset >= total_shards:
+            log.info("%s rank %d: all %d shards already complete", opts.split, rank, total_shards)
+            return {"written": 0, "skipped": 0, "shards": 0, "seconds": 0.0}
+    else:
+        mine = rank_indices(len(dataset), rank, world)
+        total_shards = (len(mine) + n_per - 1) // n_per
+        pending = [i for i in range(total_shards) if not complete(i)]
+        pos_of = {idx: p for p, idx in enumerate(mine)}
+        todo = [mine[p] for i in pending for p in range(i * n_per, min((i + 1) * n_per, len(mine)))]
+        source, first_position = IndexedSource(dataset, todo), 0
+    stats = _run_loop(model, source, opts, rank, device, plan, streaming,
+                      (lambda r, p: p) if streaming else (lambda r, p: pos_of[r["index"]]),
+                      first_position, total_shards, progress)
+    num_shards = stats.pop("num_shards", None) if total_shards is None else total_shards
+    write_json_atomic(out / done_name(opts.split, rank),
+                      {"rank": rank, "world_size": world, "num_shards": num_shards, "info": dict(info or {}),
+                       "shards": [shard_name(opts.split, rank, i) for i in range(num_shards)]})
+    return stats
+
+
+def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device, plan: dict, streaming: bool,
+              position, first_position: int, total_shards: int | None, progress: bool) -> dict:
+    """The encode/write loop shared by indexed and streaming sources."""
+    from tqdm import tqdm
+
+    out, n_per = Path(opts.out_dir), opts.samples_per_shard
+    fail_after = int(os.environ[FAIL_AFTER_ENV]) if os.environ.get(FAIL_AFTER_ENV) else None
+    loader = DataLoader(source, batch_size=opts.batch_size, num_workers=opts.num_workers, shuffle=False,
+                        collate_fn=collate_records, pin_memory=device.type == "cuda")
+    total = None if streaming else len(source)
+    bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{opts.split} r{rank}", dynamic_ncols=True)
+    shard: _Shard | None = None
+    closed, written, skipped, counter, t0 = 0, 0, 0, 0, time.time()
+    skip_base = getattr(source, "dataset", None)
+    skip_seen = getattr(skip_base, "skipped", 0) if streaming else 0
+    for batch in loader:
+        good_positions = []
+        for r in batch["records"]:
+            p = position(r, counter) if streaming else position(r, None)
+            if streaming:
+                counter += 1
+            good_positions.append(p)
+        if streaming and good_positions[-1] < first_position:
+            bar.update(len(batch["records"]))
+            continue
+        encoded = _encode(model, batch["image"], opts.flip, opts.precision, device) \
+            if batch["image"] is not None else None
+        j = 0
+        for r, p in zip(batch["records"], good_positions):
+            if p < first_position:
+                j += r["sample"] is not None
+                continue
+            index = p // n_per
+            if shard is None or shard.index != index:
+                if shard is not None:
+                    if streaming:
+                        skipped += _stream_skips(shard, skip_base, skip_seen)
+                        skip_seen = getattr(skip_base, "skipped", 0)
+                    shard.close(plan)
+                    closed += 1
+                shard = _Shard(out, shard_name(opts.split, rank, index), index, rank)
+            if r["sample"] is None:
+                shard.skipped.append({"index": r["index"], "source": r["meta"]["source"], "reason": r["reason"]})
+                skipped += 1
+                continue
+            mean, std, mean_f, std_f = (t[j] if t is not None else None for t in encoded)
+            sample, m, s = _sample_bytes(r, opts.dtype, mean, std, mean_f, std_f)
+            shard.write(sample, m, s, list(batch["image"].shape[1:]))
+            written += 1
+            j += 1
+            if fail_after is not None and closed >= fail_after:
+                raise SimulatedCrash(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash inside {shard.name}")
+        bar.update(len(batch["records"]))
+        bar.set_postfix(shards=closed, skipped=skipped)
+    if shard is not None:
+        if streaming:
+            skipped += _stream_skips(shard, skip_base, skip_seen)
+        shard.close(plan)
+        closed += 1
+    bar.close()
+    stats = {"written": written, "skipped": skipped, "shards": closed, "seconds": time.time() - t0}
+    if streaming:
+        stats["num_shards"] = (shard.index + 1) if shard is not None else first_position // n_per
+    return stats
+
+
+def _stream_skips(shard: _Shard, dataset: Any, seen: int) -> int:
+    """Streaming sources drop bad samples themselves; attribute the new skips to the shard being closed."""
+    new = getattr(dataset, "skipped", 0) - seen
+    if new > 0:
+        shard.skipped.append({"index": None, "source": None, "count": new,
+                              "reason": "undecodable sample(s) in the stream (names and errors are in the log)"})
+    return max(new, 0)
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def ranks_done(out: Path, split: str, world: int) -> bool:
+    return all((out / done_name(split, r)).exists() for r in range(world))
+
+
+def merge_manifest(out_dir: str | os.PathLike, split: str, world: int, info: Mapping | None = None) -> dict:
+    """Merge all ranks' sidecars of ``split`` into ``manifest.json`` (atomically); returns the split entry.
+
+    ``info``: extra fields (autoencoder, data, latent...); by default those rank 0 stored in its done file.
+    Call once every rank is done.
+    """
+    out = Path(out_dir)
+    missing = [r for r in range(world) if not (out / done_name(split, r)).exists()]
+    if missing:
+        raise RuntimeError(f"{out}: ranks {missing} of {world} have not finished split {split!r}; re-run them")
+    if info is None:
+        info = json.loads((out / done_name(split, 0)).read_text()).get("info", {})
+    stats, shards, skipped, shapes = LatentStats(), [], [], {}
+    for r in range(world):
+        for name in json.loads((out / done_name(split, r)).read_text())["shards"]:
+            side = json.loads((out / f"{name}.json").read_text())
+            if not (out / f"{name}.tar").exists():
+                raise RuntimeError(f"{out}: shard {name}.tar is missing; re-run the same command to finish it")
+            stats.merge(LatentStats.from_dict(side["stats"]))
+            shards.append({"name": f"{name}.tar", "rank": r, "index": side["index"], "count": side["count"]})
+            skipped += side["skipped"]
+            if side.get("latent_shape") and not shapes:
+                shapes = {"latent_shape": side["latent_shape"], "image_shape": side["image_shape"]}
+    entry = {**dict(info or {}), **shapes, "world_size": world, "shards": shards,
+             "total": sum(s["count"] for s in shards),
+             "total_skipped": sum(s.get("count", 1) for s in skipped), "skipped": skipped,
+             "stats": stats.summary()}
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {"format": FORMAT, "splits": {}}
+    sha = (entry.get("autoencoder") or {}).get("sha256")
+    for other, e in manifest["splits"].items():
+        other_sha = (e.get("autoencoder") or {}).get("sha256")
+        if other != split and sha and other_sha and other_sha != sha:
+            raise RuntimeError(f"{path}: split {other!r} was cached with another autoencoder ({other_sha[:12]}) "
+                               f"than {split!r} ({sha[:12]}); use a separate output folder")
+    manifest["splits"][split] = entry
+    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(path, manifest)
+    return entry
+
+
+def manifest_info(model_info: Mapping, opts: CacheOptions, data_config: Mapping | None = None,
+                  dataset: Any = None) -> dict:
+    """The descriptive part of a split's manifest entry (everything but shards, totals and statistics)."""
+    fields = ["mean.npy", "std.npy"] + (["mean_flip.npy", "std_flip.npy"] if opts.flip else []) + \
+        ["cls (if labelled)", "txt (if captioned)", "json"]
+    return {"autoencoder": dict(model_info),
+            "data": {"config": dict(data_config or {}), "dataset": type(dataset).__name__ if dataset is not None
+                     else None, "transform": repr(getattr(dataset, "transform", None)),
+                     "preprocessing": "the dataset's deterministic transform (no flip, center crop), images in "
+                                      "[-1, 1]; flipped copies encode the horizontally flipped image"},
+            "latent": {"dtype": opts.dtype, "fields": fields, "flip": opts.flip,
+                       "what": "posterior mean and std of q(z|x) per sample, (C, h, w)"},
+            "precision": opts.precision, "samples_per_shard": opts.samples_per_shard,
+            "git": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def cache_latents(model: torch.nn.Module, model_info: Mapping, dataset: Dataset, opts: CacheOptions,
+                  data_config: Mapping | None = None, rank: int = 0, world: int = 1,
+                  device: str | torch.device = "cpu", barrier=None, progress: bool = False
+                  ) -> tuple[dict, dict | None]:
+    """Cache this rank's part, wait for the others (``barrier``), and let rank 0 write the manifest.
+
+    Without a process group (``barrier=None``, e.g. ``--rank/--world-size``) whichever rank finds every rank
+    done writes it. Returns ``(this rank's counts, manifest entry or None)``.
+    """
+    info = manifest_info(model_info, opts, data_config, dataset)
+    plan_extra = {"ckpt_sha256": model_info.get("sha256"), "split": opts.split}
+    result = cache_rank(model, dataset, opts, rank, world, device, plan_extra, progress, info)
+    if barrier is not None:
+        barrier()
+    out, entry = Path(opts.out_dir), None
+    if (rank == 0 or barrier is None) and ranks_done(out, opts.split, world):
+        entry = merge_manifest(out, opts.split, world, info)
+    elif barrier is None:
+        log.info("manifest not written yet: not every rank of %d has finished %s; the last one writes it "
+                 "(or run with --merge-only)", world, opts.split)
+    return result, entry
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout: fine
+        return None
+
+
+def options_dict(opts: CacheOptions) -> dict:
+    return asdict(opts)

@@ -1,0 +1,112 @@
+"""Load a trained first-stage autoencoder for inference (latent caching, LDM decoding), without its training parts.
+
+Sources: a stage-1 run folder (``logs/<run>``), a Lightning ``.ckpt`` inside one, or an exported
+``.safetensors`` with a config sidecar. Only the autoencoder (``model.params.autoencoder``) is built, from
+its ``target:`` strings — never the LightningModule, so no LPIPS/discriminator is constructed, and ``ldm``
+does not import ``autoencoder`` directly.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.util import ConfigError, instantiate_from_config, load_state_dict, load_weights, sha256_file
+
+log = logging.getLogger(__name__)
+
+EMA_PREFIX = "ema.module."
+LIVE_PREFIX = "autoencoder."
+
+
+def autoencoder_config(config: Mapping | DictConfig) -> dict:
+    """The autoencoder's ``{target, params}`` from a full project config, a ``model:`` node, or itself."""
+    cfg = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+    if "model" in cfg:
+        cfg = cfg["model"]
+    params = cfg.get("params") or {}
+    if "autoencoder" in params:  # the stage-1 LightningModule node
+        cfg = params["autoencoder"]
+    if "target" not in cfg:
+        raise ConfigError("config has no autoencoder: expected model.params.autoencoder or a {target, params} node")
+    return {"target": cfg["target"], "params": dict(cfg.get("params") or {})}
+
+
+def _run_config(run: Path) -> Path:
+    configs = sorted((run / "configs").glob("*-project.yaml"))  # names start with a sortable timestamp
+    if not configs:
+        raise FileNotFoundError(f"no configs/*-project.yaml in run folder {run}; pass a config explicitly")
+    return configs[-1]
+
+
+def _run_checkpoint(run: Path) -> Path:
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoints/last.ckpt or *.ckpt in run folder {run}")
+    return ckpts[-1]
+
+
+def _safetensors_config(path: Path) -> Path:
+    for candidate in (path.with_suffix(".yaml"), path.parent / "config.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no config sidecar for {path}: expected {path.with_suffix('.yaml').name} or "
+                            f"config.yaml next to it (scripts/export.py writes one)")
+
+
+def resolve_source(source: str | Path) -> tuple[Path, Path]:
+    """``(config_path, weights_path)`` for a run folder, a ``.ckpt`` in a run folder, or a ``.safetensors``."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _run_config(path), _run_checkpoint(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"first-stage source not found: {path} (a run folder, .ckpt or .safetensors)")
+    if path.suffix == ".safetensors":
+        return _safetensors_config(path), path
+    return _run_config(path.parent.parent), path  # logs/<run>/checkpoints/x.ckpt
+
+
+def select_weights(state: Mapping[str, torch.Tensor], use_ema: bool, what: str
+                   ) -> tuple[dict[str, torch.Tensor], str]:
+    """The autoencoder's own keys and which they are: ``"ema"`` when asked and present, else ``"live"``
+    (``autoencoder.*``), else ``"as stored"`` (a plain autoencoder state dict, e.g. an export)."""
+    for prefix, kind, wanted in ((EMA_PREFIX, "ema", use_ema), (LIVE_PREFIX, "live", True)):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if wanted else {}
+        if sub:
+            log.info("%s: using %s weights (%s*)", what, kind, prefix)
+            return sub, kind
+    log.info("%s: no %s*/%s* keys; using the weights as stored", what, EMA_PREFIX, LIVE_PREFIX)
+    return dict(state), "as stored"
+
+
+def load_first_stage(source: str | Path | None = None, use_ema: bool = True, device: str | torch.device = "cpu",
+                     config: Mapping | DictConfig | None = None, ckpt: str | Path | None = None
+                     ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the autoencoder, load its weights strictly, freeze it, put it in eval mode on ``device``.
+
+    Either ``source`` (run folder / ``.ckpt`` / ``.safetensors``), or ``config`` + ``ckpt``.
+    Returns ``(model, info)`` with ``info = {"config", "ckpt_path", "sha256", "weights"}`` (weights: ema / live / as stored).
+    """
+    if source is not None:
+        config_path, weights_path = resolve_source(source)
+        config = OmegaConf.load(config_path) if config is None else config
+        weights_path = Path(ckpt) if ckpt is not None else weights_path
+    elif config is None or ckpt is None:
+        raise ValueError("load_first_stage needs a source, or both config and ckpt")
+    else:
+        weights_path = Path(ckpt)
+    ae_config = autoencoder_config(config)
+    model = instantiate_from_config(ae_config, where="model.params.autoencoder")
+    state = load_state_dict(weights_path)
+    weights, kind = select_weights(state, use_ema, str(weights_path))
+    load_weights(model, weights, strict=True, what=f"{ae_config['target']} from {weights_path}")
+    model.eval().requires_grad_(False).to(device)
+    info = {"config": ae_config, "ckpt_path": str(weights_path.resolve()), "sha256": sha256_file(weights_path),
+            "weights": kind}
+    return model, info

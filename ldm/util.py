@@ -1,0 +1,106 @@
+"""Small helpers used everywhere: config instantiation, safe checkpoint loading, parameter counts."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be turned into an object; the message names the config path."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by a LightningModule when a loss is NaN/inf; the run stops and no checkpoint is overwritten."""
+
+
+def check_finite(loss: torch.Tensor, step: int, logs: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Stop training with a readable message when ``loss`` is NaN/inf (one host sync per call)."""
+    if not torch.isfinite(loss.detach()).all():
+        terms = {k: float(v) for k, v in (logs or {}).items() if torch.is_tensor(v) and v.numel() == 1}
+        raise NonFiniteLossError(f"non-finite loss at step {step}: {terms}. Lower the learning rate, check the "
+                                 "data, or try fp32; the last good checkpoint is kept.")
+
+
+def get_obj_from_str(path: str) -> Any:
+    """Import ``package.module.Name`` and return ``Name``."""
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ConfigError(f"target '{path}' is not a dotted import path (expected 'package.module.Name')")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"target '{path}': module '{module}' not found ({e})") from e
+    except AttributeError as e:
+        raise ConfigError(f"target '{path}': module '{module}' has no attribute '{name}'") from e
+
+
+def instantiate_from_config(config: Mapping | DictConfig, where: str = "config", **extra: Any) -> Any:
+    """Build ``target(**params, **extra)`` from a ``{target:, params:}`` mapping.
+
+    ``where`` is the dotted path of this node in the full config; errors name it, so a bad key in a
+    nested config says exactly where to look.
+    """
+    if config is None or "target" not in config:
+        raise ConfigError(f"{where}: expected a mapping with a 'target:' key, got {config!r}")
+    unknown = set(config.keys()) - {"target", "params", "base_learning_rate"}  # the LR is read by the CLI
+    if unknown:
+        raise ConfigError(f"{where}: unexpected keys {sorted(unknown)} next to 'target' (put arguments under 'params:')")
+    cls = get_obj_from_str(str(config["target"]))
+    params = config.get("params") or {}
+    if isinstance(params, DictConfig):
+        params = OmegaConf.to_container(params, resolve=True)
+    try:
+        return cls(**params, **extra)
+    except TypeError as e:
+        raise ConfigError(f"{where}: cannot build {config['target']} with params {sorted(params)}: {e}") from e
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a weights file safely: ``.safetensors`` or a torch pickle with ``weights_only=True``.
+
+    Lightning checkpoints are unwrapped to their ``state_dict``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+
+
+def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                 what: str = "model") -> None:
+    """``load_state_dict`` whose error lists the missing and unexpected keys (a few of each)."""
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if strict and (missing or unexpected):
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+        raise RuntimeError(
+            f"weights do not match {what}: {len(missing)} missing [{show(missing)}], "
+            f"{len(unexpected)} unexpected [{show(unexpected)}]. Wrong architecture config for this checkpoint?")
+    if missing or unexpected:
+        log.warning("non-strict load of %s: %d missing, %d unexpected keys", what, len(missing), len(unexpected))
+
+
+def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

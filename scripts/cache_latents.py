@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Encode an image dataset once with a trained first stage and store the latents as WebDataset shards.
+
+  python scripts/cache_latents.py --ae logs/<run> --data configs/data.yaml --split train --out latents/
+  torchrun --nproc_per_node=8 scripts/cache_latents.py --ae logs/<run> --split train --out latents/
+
+Re-running the same command resumes (complete shards are kept). See ``ldm/data/latent_cache.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from ldm.data.latent_cache import CacheOptions, cache_latents, dataset_config, deterministic, merge_manifest  # noqa: E402
+from ldm.first_stage import load_first_stage, resolve_source  # noqa: E402
+from ldm.util import instantiate_from_config  # noqa: E402
+
+log = logging.getLogger("cache_latents")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ae", required=True, help="stage-1 run folder, .ckpt in one, or exported .safetensors "
+                                               "(with config.yaml / <name>.yaml next to it)")
+    p.add_argument("--ae-config", help="autoencoder/project config, overriding the one found from --ae")
+    p.add_argument("--data", help="data config YAML: a dataset {target, params}, a DataModule node or a full "
+                                  "project config (default: the stage-1 run's own data config)")
+    p.add_argument("--split", default="train", help="split to cache (data.params.<split>); names the shards")
+    p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (a torchrun rank uses cuda:LOCAL_RANK)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder autocast")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
+    p.add_argument("--flip", action="store_true", help="also store the latents of the flipped image")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA copy")
+    p.add_argument("--rank", type=int, help="this process's rank, without torchrun (no process group)")
+    p.add_argument("--world-size", type=int, help="number of processes, without torchrun")
+    p.add_argument("--merge-only", action="store_true", help="only (re)write manifest.json from finished ranks")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def setup_ranks(args: argparse.Namespace) -> tuple[int, int, int, bool]:
+    """``(rank, world, local_rank, distributed)``: torchrun's env, else --rank/--world-size, else 0/1."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1 and args.rank is None:
+        import torch.distributed as dist
+
+        # Only a barrier crosses ranks (no tensors), so gloo serves CPU and CUDA runs alike.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True
+    rank, world = args.rank or 0, args.world_size or 1
+    if not 0 <= rank < world:
+        raise SystemExit(f"--rank {rank} must be in [0, --world-size {world})")
+    # Streaming sources split shards with webdataset, which reads RANK/WORLD_SIZE without a process group.
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+    return rank, world, 0, False
+
+
+def load_data_config(args: argparse.Namespace) -> dict:
+    if args.data is not None:
+        cfg = OmegaConf.load(args.data)
+    else:
+        cfg = OmegaConf.load(args.ae_config or resolve_source(args.ae)[0])
+    return deterministic(dataset_config(cfg, args.split))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world, local_rank, distributed = setup_ranks(args)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s")
+    opts = CacheOptions(out_dir=args.out, split=args.split, samples_per_shard=args.samples_per_shard,
+                        batch_size=args.batch_size, num_workers=args.workers, flip=args.flip, dtype=args.dtype,
+                        precision=args.precision)
+    if args.merge_only:
+        entry = merge_manifest(args.out, args.split, world)
+        log.info("manifest: %d samples in %d shards, %d skipped -> %s", entry["total"], len(entry["shards"]),
+                 entry["total_skipped"], Path(args.out) / "manifest.json")
+        return
+    device = pick_device(args.device, local_rank)
+    data_cfg = load_data_config(args)  # fails before the model is built when the data path is wrong
+    dataset = instantiate_from_config(data_cfg, where=f"data.params.{args.split}")
+    ae_config = OmegaConf.load(args.ae_config) if args.ae_config else None
+    model, info = load_first_stage(args.ae, use_ema=not args.no_ema, device=device, config=ae_config)
+    barrier = None
+    if distributed:
+        import torch.distributed as dist
+
+        barrier = dist.barrier
+    result, entry = cache_latents(model, info, dataset, opts, data_cfg, rank, world, device, barrier,
+                                  progress=local_rank == 0)
+    rate = result["written"] / max(result["seconds"], 1e-9)
+    print(f"rank {rank}: wrote {result['written']} samples in {result['shards']} new shards, "
+          f"skipped {result['skipped']}, {rate:.1f} img/s", flush=True)
+    if entry is not None:
+        s = entry["stats"]
+        print(f"done: split {args.split!r}: {entry['total']} samples in {len(entry['shards'])} shards, "
+              f"{entry['total_skipped']} skipped, latent {entry.get('latent_shape')} {opts.dtype}, "
+              f"scale_factor {s.get('scale_factor', float('nan')):.5g}, shift {s.get('shift', float('nan')):.5g}, "
+              f"~{rate * world:.1f} img/s over {world} process(es) -> {Path(args.out) / 'manifest.json'}", flush=True)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Latent cache: live-vs-cached round trip, manifest statistics recomputed from the shards, crash + resume,
+disjoint shards across ranks (in-process and torchrun/gloo), shards readable with tarfile + numpy only,
+corrupt inputs skipped and listed, and the stage-2 reader ``LatentShards``."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm.data.images import ImageFolder
+from ldm.data.latent_cache import FAIL_AFTER_ENV, CacheOptions, SimulatedCrash, cache_latents, tar_key
+from ldm.data.latents import LatentShards
+from ldm.first_stage import load_first_stage
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+N_GOOD, SIZE = 20, 32
+AE_CONFIG = {"target": "autoencoder.model.Autoencoder", "params": {
+    "z_channels": 4,
+    "encoder_config": {"target": "autoencoder.litevae_encoder.LiteVAEEncoder", "params": {
+        "size": None, "z_channels": 4, "extractor_channels": 8, "extractor_mult": [1, 2],
+        "aggregator_channels": 8, "aggregator_mult": [1, 2], "norm_groups": 4}},
+    "decoder_config": {"target": "autoencoder.sd_vae.Decoder", "params": {
+        "ch": 8, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "z_channels": 4, "norm_groups": 4}}}}
+
+
+def data_config(folder: Path) -> dict:
+    return {"target": "ldm.data.ImageFolder",
+            "params": {"root": str(folder), "size": SIZE, "labels_from_subfolders": True, "flip": True}}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """20 small PNGs of varied size in two class folders, plus one corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(N_GOOD):
+        folder = root / ("cat" if i % 2 else "dog")
+        folder.mkdir(exist_ok=True)
+        h, w = int(rng.integers(32, 48)), int(rng.integers(32, 48))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img.{i:02d}.png")
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, images) -> Path:
+    """A fake stage-1 run folder: project config + Lightning-style checkpoint with live and EMA weights."""
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    live = instantiate_from_config(AE_CONFIG)
+    ema = copy.deepcopy(live)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {**{f"autoencoder.{k}": v for k, v in live.state_dict().items()},
+             **{f"ema.module.{k}": v for k, v in ema.state_dict().items()},
+             "ema.num_updates": torch.tensor(3), "loss.discriminator.w": torch.zeros(2)}
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": state, "global_step": 3}, run / "checkpoints" / "last.ckpt")
+    project = {"model": {"target": "autoencoder.lightning.AutoencoderModule", "params": {"autoencoder": AE_CONFIG}},
+               "data": {"target": "ldm.data.DataModule", "params": {"batch_size": 4, "train": data_config(images)}}}
+    (run / "configs").mkdir()
+    (run / "configs" / "2024-01-01T00-00-00-project.yaml").write_text(yaml.safe_dump(project))
+    torch.save(ema.state_dict(), run / "ema_reference.pt")
+    return run
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return load_first_stage(run_dir)
+
+
+@pytest.fixture(scope="module")
+def dataset(images):
+    return ImageFolder(images, size=SIZE, labels_from_subfolders=True)
+
+
+def run_cache(model, dataset, images, out, rank=0, world=1, **kw):
+    opts = CacheOptions(out_dir=str(out), **{"samples_per_shard": 6, "batch_size": 4, **kw})
+    return cache_latents(model[0], model[1], dataset, opts, data_config(images), rank, world)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, model, dataset, images) -> Path:
+    out = tmp_path_factory.mktemp("cache")
+    run_cache(model, dataset, images, out, flip=True)
+    return out
+
+
+def read_tars(folder: Path, pattern: str = "*.tar") -> dict[str, dict]:
+    """Every sample of every shard, with only tarfile + numpy: ``{json key: {field: value}}``."""
+    samples: dict[str, dict] = {}
+    for shard in sorted(folder.glob(pattern)):
+        grouped: dict[str, dict] = {}
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, field = member.name.split(".", 1)
+                data = tar.extractfile(member).read()
+                grouped.setdefault(key, {})[field] = np.load(io.BytesIO(data)) if field.endswith(".npy") else data
+        for key, fields in grouped.items():
+            info = json.loads(fields["json"])
+            assert key == tar_key(info["key"]) and info["key"] not in samples
+            samples[info["key"]] = {**fields, "shard": shard.name}
+    return samples
+
+
+def good_keys(images: Path) -> set[str]:
+    return {p.relative_to(images).as_posix() for p in images.rglob("img.*.png")}
+
+
+def live_moments(model, dataset, key: str, flip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    x = dataset[dataset.files.index(key)]["image"][None]
+    with torch.no_grad():
+        post = model[0].encode(x.flip(-1) if flip else x)
+    return post.mean[0].numpy(), post.std[0].numpy()
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_load_first_stage_sources(run_dir, tmp_path):
+    ema_ref = torch.load(run_dir / "ema_reference.pt", weights_only=True)
+    model, info = load_first_stage(run_dir)
+    assert info["weights"] == "ema" and not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, ema_ref[k]) for k, v in model.state_dict().items())
+    assert info["sha256"] == hashlib.sha256((run_dir / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
+    live, live_info = load_first_stage(run_dir / "checkpoints" / "last.ckpt", use_ema=False)
+    assert live_info["weights"] == "live"
+    assert not torch.equal(live.encoder.extractors[0].in_layer.weight, model.encoder.extractors[0].in_layer.weight)
+    # An exported .safetensors (plain state dict) with its config sidecar.
+    save_file(model.state_dict(), tmp_path / "ae.safetensors")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"params": {"autoencoder": AE_CONFIG}}}))
+    exported, exp_info = load_first_stage(tmp_path / "ae.safetensors")
+    assert exp_info["weights"] == "as stored"
+    assert all(torch.equal(v, ema_ref[k]) for k, v in exported.state_dict().items())
+
+
+def test_shards_readable_with_tarfile_and_match_live_encoding(cache, images, model, dataset):
+    samples = read_tars(cache, "train-*.tar")
+    assert set(samples) == good_keys(images)
+    for key, s in samples.items():
+        assert s["mean.npy"].dtype == np.float16 and s["mean.npy"].shape == (4, SIZE // 8, SIZE // 8)
+        for flip in (False, True):
+            mean, std = live_moments(model, dataset, key, flip)
+            sfx = "_flip" if flip else ""
+            np.testing.assert_allclose(s[f"mean{sfx}.npy"].astype(np.float32), mean, rtol=2e-3, atol=2e-3)
+            np.testing.assert_allclose(s[f"std{sfx}.npy"].astype(np.float32), std, rtol=2e-3, atol=1e-4)
+        assert int(s["cls"]) == dataset.classes.index(key.split("/")[0])
+        info = json.loads(s["json"])
+        assert info["source"] == str(images / key) and info["size"] == list(Image.open(images / key).size)
+
+
+def test_manifest_statistics_equal_recomputed(cache, images, run_dir):
+    entry = json.loads((cache / "manifest.json").read_text())["splits"]["train"]
+    means = np.stack([s["mean.npy"].astype(np.float64) for s in read_tars(cache, "train-*.tar").values()])
+    stats = entry["stats"]
+    np.testing.assert_allclose(stats["channel_mean"], means.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(stats["channel_std"], means.std(axis=(0, 2, 3)), rtol=1e-7)
+    np.testing.assert_allclose(stats["channel_min"], means.min(axis=(0, 2, 3)))
+    np.testing.assert_allclose(stats["channel_max"], means.max(axis=(0, 2, 3)))
+    assert stats["global_std"] == pytest.approx(means.std(), rel=1e-7)
+    assert stats["scale_factor"] == pytest.approx(1 / means.std(), rel=1e-7)
+    assert stats["shift"] == pytest.approx(means.mean(), rel=1e-7, abs=1e-12)
+    assert entry["total"] == N_GOOD and sum(s["count"] for s in entry["shards"]) == N_GOOD
+    assert entry["latent_shape"] == [4, SIZE // 8, SIZE // 8] and entry["latent"]["dtype"] == "float16"
+    assert entry["autoencoder"]["sha256"] == hashlib.sha256((run_dir / "checkpoints" / "last.ckpt").read_bytes()
+                                                             ).hexdigest()
+    assert entry["autoencoder"]["config"] == AE_CONFIG and entry["data"]["config"]["params"]["size"] == SIZE
+    # The corrupt file is skipped, counted and listed with its reason.
+    assert entry["total_skipped"] == 1
+    (bad,) = entry["skipped"]
+    assert bad["source"] == str(images / "dog" / "broken.png") and bad["reason"]
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_reader_round_trip_and_normalisation(cache, model, dataset):
+    plain = {s["key"]: s for s in LatentShards(str(cache), sample=False, flip=False, scale_factor=1.0, shift=0.0,
+                                               shuffle=0)}
+    assert len(plain) == N_GOOD
+    for key, s in plain.items():
+        mean, _ = live_moments(model, dataset, key)
+        np.testing.assert_allclose(s["latent"].numpy(), mean, rtol=2e-3, atol=2e-3)
+        assert s["cls"] == dataset.classes.index(key.split("/")[0])
+    stats = json.loads((cache / "manifest.json").read_text())["splits"]["train"]["stats"]
+    normed = {s["key"]: s["latent"] for s in LatentShards(str(cache), sample=False, flip=False, shuffle=0)}
+    for key, z in normed.items():
+        torch.testing.assert_close(z, (plain[key]["latent"] - stats["shift"]) * stats["scale_factor"])
+    # Sampling: (z - mean) / std is standard normal, and fresh on every read.
+    raw = read_tars(cache, "train-*.tar")
+    reads = [{s["key"]: s["latent"] for s in LatentShards(str(cache), flip=False, scale_factor=1.0, shift=0.0,
+                                                         shuffle=10)} for _ in range(2)]
+    eps = np.stack([(reads[0][k].numpy() - raw[k]["mean.npy"].astype(np.float32)) / raw[k]["std.npy"]
+                    .astype(np.float32) for k in raw])
+    assert abs(eps.mean()) < 0.15 and abs(eps.std() - 1) < 0.1
+    assert not torch.equal(reads[0][key], reads[1][key])
+    # Flip: each read is one of the two stored copies, and both occur.
+    flips = [s for s in LatentShards(str(cache), sample=False, scale_factor=1.0, shift=0.0, shuffle=0, seed=1)]
+    picked = [bool(np.allclose(s["latent"].numpy(), raw[s["key"]]["mean_flip.npy"].astype(np.float32))) for s in flips]
+    assert all(p or np.allclose(s["latent"].numpy(), raw[s["key"]]["mean.npy"].astype(np.float32))
+               for p, s in zip(picked, flips))
+    assert 0 < sum(picked) < len(picked)
+
+
+def test_reader_epoch_length_and_worker_split(cache):
+    ds = LatentShards(str(cache), shuffle=0, epoch_length=7)
+    assert len(ds) == 7 and len(list(ds)) == 7
+    loader = torch.utils.data.DataLoader(LatentShards(str(cache), shuffle=0), batch_size=None, num_workers=2)
+    assert Counter(s["key"] for s in loader) == Counter({k: 1 for k in {s["key"] for s in loader}})
+    assert len({s["key"] for s in loader}) == N_GOOD
+
+
+def test_crash_and_resume_yields_each_sample_once(tmp_path, model, dataset, images, monkeypatch):
+    out = tmp_path / "cache"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    with pytest.raises(SimulatedCrash):
+        run_cache(model, dataset, images, out)
+    assert [p.name for p in out.glob("*.tar")] == ["train-r00-000000.tar"]
+    assert list(out.glob("*.tar.tmp")) and not (out / "manifest.json").exists()
+    first = (out / "train-r00-000000.tar").stat().st_mtime_ns
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    result, entry = run_cache(model, dataset, images, out)
+    assert (out / "train-r00-000000.tar").stat().st_mtime_ns == first  # kept, not rewritten
+    assert result["shards"] == 3 and entry["total"] == N_GOOD and entry["total_skipped"] == 1
+    assert not list(out.glob("*.tmp"))
+    keys = Counter(k for s in read_tars(out).values() for k in [json.loads(s["json"])["key"]])
+    assert set(keys) == good_keys(images) and set(keys.values()) == {1}
+    # A different plan in the same folder is refused rather than mixed in.
+    with pytest.raises(RuntimeError, match="different settings"):
+        run_cache(model, dataset, images, out, samples_per_shard=5)
+
+
+def test_two_ranks_without_process_group(tmp_path, model, dataset, images):
+    out = tmp_path / "cache"
+    _, entry0 = run_cache(model, dataset, images, out, rank=0, world=2)
+    assert entry0 is None and not (out / "manifest.json").exists()  # rank 1 has not finished yet
+    _, entry = run_cache(model, dataset, images, out, rank=1, world=2)
+    r0, r1 = read_tars(out, "train-r00-*.tar"), read_tars(out, "train-r01-*.tar")
+    assert not set(r0) & set(r1) and set(r0) | set(r1) == good_keys(images)
+    assert entry["total"] == N_GOOD and entry["world_size"] == 2 and entry["total_skipped"] == 1
+
+
+def write_data_yaml(tmp_path: Path, images: Path) -> Path:
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(data_config(images)))
+    return path
+
+
+@pytest.mark.slow
+def test_script_single_process(tmp_path, run_dir, images, cache):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, str(ROOT / "scripts" / "cache_latents.py"), "--ae", str(run_dir), "--split", "train",
+           "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--samples-per-shard", "6",
+           "--flip"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: split 'train': 20 samples in 4 shards, 1 skipped" in proc.stdout
+    ours, ref = read_tars(out), read_tars(cache, "train-*.tar")
+    assert set(ours) == set(ref)
+    for k in ref:
+        np.testing.assert_allclose(ours[k]["mean.npy"], ref[k]["mean.npy"], atol=2e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path, run_dir, images, cache):
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "scripts" / "cache_latents.py"), "--ae", str(run_dir), "--data", str(write_data_yaml(tmp_path,
+                                                                                                          images)),
+           "--split", "train", "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu",
+           "--samples-per-shard", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = read_tars(out, "train-r00-*.tar"), read_tars(out, "train-r01-*.tar")
+    assert r0 and r1 and not set(r0) & set(r1) and set(r0) | set(r1) == good_keys(images)
+    entry = json.loads((out / "manifest.json").read_text())["splits"]["train"]
+    ref = json.loads((cache / "manifest.json").read_text())["splits"]["train"]
+    assert entry["world_size"] == 2 and entry["total"] == N_GOOD and entry["total_skipped"] == 1
+    np.testing.assert_allclose(entry["stats"]["channel_mean"], ref["stats"]["channel_mean"], atol=1e-4)
+    assert entry["stats"]["scale_factor"] == pytest.approx(ref["stats"]["scale_factor"], rel=1e-3)
+
+
+def test_streaming_webdataset_source(tmp_path, model, images, monkeypatch):
+    import webdataset as wds
+
+    from ldm.data.webdataset_images import WebDatasetImages
+
+    shard = tmp_path / "images-000000.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i, path in enumerate(sorted(images.rglob("*.png"))[:7]):
+            sink.write({"__key__": f"s{i:03d}", "png": path.read_bytes(), "cls": str(i % 3)})
+    stream = WebDatasetImages([str(shard)], size=SIZE, shuffle=0)
+    out = tmp_path / "cache"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    with pytest.raises(SimulatedCrash):
+        run_cache(model, stream, images, out, samples_per_shard=4)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    _, entry = run_cache(model, WebDatasetImages([str(shard)], size=SIZE, shuffle=0), images, out, samples_per_shard=4)
+    keys = Counter(json.loads(s["json"])["key"] for s in read_tars(out).values())
+    broken = [i for i, p in enumerate(sorted(images.rglob("*.png"))[:7]) if p.name == "broken.png"]
+    assert set(keys) == {f"s{i:03d}" for i in range(7)} - {f"s{i:03d}" for i in broken}
+    assert set(keys.values()) == {1} and entry["total"] == 7 - len(broken) and not list(out.glob("*.tmp"))
