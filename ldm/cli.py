@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -138,7 +139,8 @@ def all_finite(module: torch.nn.Module) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opt, overrides = parse_args(argv)
-    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    # DDP re-launches this script once per extra rank; they must all agree on the run folder name.
+    now = os.environ.setdefault("LITEVAE_RUN_TIME", datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S"))
 
     ckpt_path = None
     bases = list(opt.base)

@@ -91,7 +91,7 @@ def load_first_stage(source: str | Path | None = None, use_ema: bool = True, dev
     """Build the autoencoder, load its weights strictly, freeze it, put it in eval mode on ``device``.
 
     Either ``source`` (run folder / ``.ckpt`` / ``.safetensors``), or ``config`` + ``ckpt``.
-    Returns ``(model, info)`` with ``info = {"config", "ckpt_path", "sha256", "weights"}`` (weights: ema / live / as stored).
+    Returns ``(model, info)``, ``info = {"config", "ckpt_path", "sha256", "weights"}`` (ema / live / as stored).
     """
     if source is not None:
         config_path, weights_path = resolve_source(source)

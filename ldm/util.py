@@ -53,7 +53,10 @@ def instantiate_from_config(config: Mapping | DictConfig, where: str = "config",
     unknown = set(config.keys()) - {"target", "params", "base_learning_rate"}  # the LR is read by the CLI
     if unknown:
         raise ConfigError(f"{where}: unexpected keys {sorted(unknown)} next to 'target' (put arguments under 'params:')")
-    cls = get_obj_from_str(str(config["target"]))
+    try:
+        cls = get_obj_from_str(str(config["target"]))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
     params = config.get("params") or {}
     if isinstance(params, DictConfig):
         params = OmegaConf.to_container(params, resolve=True)

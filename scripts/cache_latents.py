@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.data.latent_cache import CacheOptions, cache_latents, dataset_config, deterministic, merge_manifest  # noqa: E402
+from ldm.data.latent_cache import (CacheOptions, cache_latents, dataset_config,  # noqa: E402
+                                   deterministic, merge_manifest)
 from ldm.first_stage import load_first_stage, resolve_source  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 

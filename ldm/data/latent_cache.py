@@ -12,7 +12,9 @@ Crash safety: a shard is written to ``.tar.tmp``; its sidecar is written, then t
 A shard is complete iff its ``.tar`` exists. Rank ``r`` owns the dataset indices ``range(n)[r::world]`` and
 its shard ``i`` holds the fixed slice ``[i*N, (i+1)*N)`` of them, so a re-run knows which samples are
 already cached and each sample lands in exactly one shard. Streaming (WebDataset) sources have no index:
-shard ``i`` is then the ``i``-th run of N good samples of the rank's (unshuffled) stream.
+shard ``i`` is then the ``i``-th run of N good samples of the rank's (unshuffled) stream; keep the number of
+workers when resuming (checked), and note that the stream's bad samples are only counted (the dataset drops
+them), attributed to the shard being written — exactly in a fresh run, approximately after a resume.
 
 Statistics are of the posterior MEAN as stored (after the fp16/fp32 cast), unflipped, in float64 sufficient
 statistics (count, sum, sum of squares, min, max per channel) merged exactly across shards and ranks.
@@ -27,7 +29,7 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -409,6 +411,9 @@ def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device
                 j += r["sample"] is not None
                 continue
             index = p // n_per
+            if shard is None and streaming and first_position > 0:
+                # Skips met while re-reading the already cached prefix belong to earlier shards.
+                skip_seen = getattr(skip_base, "skipped", 0)
             if shard is None or shard.index != index:
                 if shard is not None:
                     if streaming:
@@ -542,7 +547,3 @@ def git_revision() -> str | None:
                               cwd=Path(__file__).resolve().parent).stdout.strip() or None
     except Exception:  # noqa: BLE001 - not a git checkout: fine
         return None
-
-
-def options_dict(opts: CacheOptions) -> dict:
-    return asdict(opts)

@@ -1,7 +1,8 @@
 """A small CNN classifier used to check that class-conditional samples are recognised as their class.
 
 Images are float NCHW in [-1, 1]; inputs of another size are resized to ``size`` so that the same model
-scores samples at any resolution. Trains to ~89% on Fashion-MNIST (32×32) in one or two CPU epochs.
+scores samples at any resolution. Measured: one epoch on Fashion-MNIST at 32×32 (3 channels) takes
+~51 s on two busy CPU cores and gives 88.2% test accuracy.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def _as_loader(data: Dataset | Iterable, batch_size: int, seed: int) -> Iterable
     return data
 
 
-def train_classifier(dataset_or_loader: Dataset | Iterable, epochs: int = 2, lr: float = 3e-3,
+def train_classifier(dataset_or_loader: Dataset | Iterable, epochs: int = 1, lr: float = 3e-3,
                      device: torch.device | str = "cpu", num_classes: int = 10, size: int = 32,
                      batch_size: int = 128, seed: int = 0, progress: bool = True) -> SmallClassifier:
     """Train a ``SmallClassifier`` with AdamW; the input channel count is taken from the first batch."""

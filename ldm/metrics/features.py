@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -69,7 +70,9 @@ class TorchScriptFeatures(nn.Module):
 
     def __init__(self, path: str | os.PathLike):
         super().__init__()
-        self.net = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is this format's container
+            warnings.simplefilter("ignore", FutureWarning)
+            self.net = torch.jit.load(str(path), map_location="cpu")
         self.net.eval()
         self.dim = int(self(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape[1])
 
