@@ -183,8 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as err:
         save_after_crash(trainer, model, logdir, err)
         raise
-    if trainer.global_rank == 0:
-        trainer.save_checkpoint(logdir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(logdir / "checkpoints" / "last.ckpt")  # all ranks: it has a barrier inside
     return 0
 
 

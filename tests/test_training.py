@@ -94,7 +94,7 @@ def test_sigusr1_checkpoint_then_kill_then_resume(tmp_path):
     assert step >= 3
     assert adam_steps(saved, 0) == step
 
-    out = subprocess.run([sys.executable, "main.py", "-r", str(run_dir(logdir)), *STAGE1_TEST_OVERRIDES,
+    out = subprocess.run([sys.executable, "main.py", "-t", "-r", str(run_dir(logdir)), *STAGE1_TEST_OVERRIDES,
                           f"lightning.trainer.max_steps={step + 2}"], cwd=ROOT, env=subprocess_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
