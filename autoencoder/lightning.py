@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
+import os
 from typing import Any, Mapping
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,9 @@ from ldm.metrics.image import psnr, ssim
 from ldm.util import check_finite, instantiate_from_config
 
 log = logging.getLogger(__name__)
+
+
+_CROP_STREAM, _NOISE_STREAM = 0, 1
 
 
 def _no_step_count() -> None:
@@ -52,6 +56,7 @@ class AutoencoderModule(pl.LightningModule):
         # pretrain at 128, fine-tune at 256). Sorted so the last entry <= step wins.
         self.train_crop_schedule = sorted((int(k), int(v)) for k, v in (train_crop_schedule or {}).items())
         self.learning_rate = 1e-4  # set by the CLI from model.base_learning_rate
+        self._micro_batches = 0  # micro-batches accumulated since the last optimizer step
         if freeze_encoder:
             self.autoencoder.encoder.requires_grad_(False)
 
@@ -63,19 +68,33 @@ class AutoencoderModule(pl.LightningModule):
                 size = s
         return size
 
+    def train_generator(self, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator seeded from (seed, global_step, micro-batch, rank, stream).
+
+        Training randomness (crop offsets, posterior noise) is then a pure function of the step, so a
+        resumed run draws exactly what an uninterrupted one would: Lightning checkpoints do not hold the
+        global RNG states, and data loaders draw from the global torch RNG in any case.
+        """
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by pl.seed_everything (the CLI's --seed)
+        entropy = [seed, self.global_step, self._micro_batches, self.global_rank, stream]
+        state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator(device=device).manual_seed(int(state))
+
     def get_input(self, batch: Mapping[str, Any], train: bool = False) -> torch.Tensor:
         x = batch[self.image_key]
         size = self.train_crop_size(self.global_step) if train else None
         if size is not None and size < x.shape[-1]:
-            top, left = random.randint(0, x.shape[-2] - size), random.randint(0, x.shape[-1] - size)
+            g = self.train_generator(_CROP_STREAM)
+            top = int(torch.randint(0, x.shape[-2] - size + 1, (), generator=g))
+            left = int(torch.randint(0, x.shape[-1] - size + 1, (), generator=g))
             x = x[..., top:top + size, left:left + size]
         return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
 
-    def reconstruct(self, x: torch.Tensor, sample: bool = True):
+    def reconstruct(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
         encoder_ctx = torch.no_grad() if self.freeze_encoder else contextlib.nullcontext()
         with encoder_ctx:
             posterior = self.autoencoder.encode(x)
-        z = posterior.sample() if sample else posterior.mode()
+        z = posterior.sample(generator) if sample else posterior.mode()
         return self.autoencoder.decode(z), posterior
 
     # ------------------------------------------------------------------ training
@@ -85,10 +104,11 @@ class AutoencoderModule(pl.LightningModule):
         optimizers = self.optimizers()
         opt_ae, opt_d = (optimizers if isinstance(optimizers, list) else (optimizers, None))
         step = self.global_step
-        boundary = (batch_idx + 1) % self.accumulate_grad_batches == 0
+        # Step after k micro-batches, and at the end of an epoch so no gradient leaks into the next one.
+        boundary = self._micro_batches + 1 == self.accumulate_grad_batches or self.trainer.is_last_batch
 
         x = self.get_input(batch, train=True)
-        xrec, posterior = self.reconstruct(x)
+        xrec, posterior = self.reconstruct(x, generator=self.train_generator(_NOISE_STREAM, x.device))
         discriminator = getattr(self.loss, "discriminator", None)
         if discriminator is not None:  # the generator's adversarial term must not fill D's gradients
             discriminator.requires_grad_(False)
@@ -110,6 +130,7 @@ class AutoencoderModule(pl.LightningModule):
             if boundary:
                 opt_d._on_before_step = opt_d._on_after_step = _no_step_count
                 self._step(opt_d)
+        self._micro_batches = 0 if boundary else self._micro_batches + 1
         for keys, bar in (({"loss", "rec"}, True), (logs.keys() - {"loss", "rec"}, False)):
             self.log_dict({f"train/{k}": logs[k] for k in keys}, prog_bar=bar, on_step=True, on_epoch=False,
                           batch_size=x.shape[0])

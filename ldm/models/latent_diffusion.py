@@ -1,0 +1,316 @@
+"""Stage-2 LightningModule: a denoising UNet trained on first-stage latents.
+
+Input modes (``input``):
+
+* ``cached`` (default): batches come from ``ldm.data.LatentShards`` and ``batch["latent"]`` is already
+  normalised, ``z_norm = (z - shift) * scale_factor``, with the cache manifest's statistics.
+* ``live``: batches are images; a frozen first stage encodes them and the same normalisation is applied
+  with the statistics of ``latent_stats`` (the cache manifest), so both modes train on the same batches.
+
+The first stage (needed for ``live`` and for decoding sample grids) and the text encoder are frozen and
+kept outside the module tree: they are loaded from their own files, never saved in stage-2 checkpoints,
+and never seen by the optimizer or DDP. ``scale_factor``, ``shift`` and ``latent_shape`` are buffers, so
+a checkpoint alone says how to turn samples back into first-stage latents.
+
+Training noise (timesteps, eps, CFG dropout) is drawn from a generator seeded by (seed, step, micro-batch,
+rank), not from the global RNG, so a resumed run continues exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm
+from ldm.ema import EMA
+from ldm.models.conditioning import Conditioning
+from ldm.util import check_finite, instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+INPUTS = ("cached", "live")
+FROM_MANIFEST = "from_manifest"
+
+
+def read_latent_stats(path: str | Path) -> dict[str, Any]:
+    """``{"scale_factor", "shift", "latent_shape", "autoencoder"}`` from a cache folder or its manifest.json
+    (the ``train`` split's entry when present — all splits share one normalisation, as in LatentShards)."""
+    path = Path(path)
+    path = path / "manifest.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"latent_stats: {path} not found (a latent cache folder or its manifest.json "
+                                "written by scripts/cache_latents.py)")
+    splits = json.loads(path.read_text()).get("splits") or {}
+    if not splits:
+        raise ValueError(f"latent_stats: {path} has no splits")
+    entry = splits.get("train") or next(iter(splits.values()))
+    return {"scale_factor": float(entry["stats"]["scale_factor"]), "shift": entry["stats"]["shift"],
+            "latent_shape": entry.get("latent_shape"), "autoencoder": entry.get("autoencoder") or {},
+            "manifest": str(path)}
+
+
+class LatentDiffusion(pl.LightningModule):
+    def __init__(
+        self,
+        unet_config: Mapping,
+        first_stage: Mapping | None = None,
+        conditioning: str = "class",
+        text_encoder_config: Mapping | None = None,
+        schedule: Mapping | None = None,
+        parameterization: str = "eps",
+        min_snr_gamma: float | None = None,
+        cond_drop_prob: float = 0.1,
+        ema_decay: float | None = 0.9999,
+        input: str = "cached",
+        latent_stats: str | None = None,
+        scale_factor: float | None = None,
+        shift: float | Sequence[float] | None = None,
+        latent_shape: Sequence[int] | None = None,
+        sample_posterior: bool = True,
+        sample_steps: int = 50,
+        sample_cfg: float = 3.0,
+        sample_eta: float = 0.0,
+        log_prompts: Sequence[str] | None = None,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        lr_warmup_steps: int = 0,
+        noise_seed: int = 0,
+        latent_key: str = "latent",
+        image_key: str = "image",
+        label_key: str = "cls",
+        text_key: str = "txt",
+    ):
+        super().__init__()
+        if input not in INPUTS:
+            raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+        self.input_mode, self.sample_posterior = input, sample_posterior
+        self.parameterization, self.min_snr_gamma = parameterization, min_snr_gamma
+        self.schedule = make_schedule(**dict(schedule or {}))
+        self.sample_steps, self.sample_cfg, self.sample_eta = sample_steps, sample_cfg, sample_eta
+        self.log_prompts = list(log_prompts) if log_prompts else None
+        self.betas, self.weight_decay, self.lr_warmup_steps = tuple(betas), weight_decay, lr_warmup_steps
+        self.noise_seed = noise_seed
+        self.latent_key, self.image_key = latent_key, image_key
+        self.learning_rate = 1e-4  # set by the CLI from model.base_learning_rate
+
+        stats = read_latent_stats(latent_stats) if latent_stats else {}
+        self._init_normalisation(stats, scale_factor, shift, latent_shape)
+        self.unet = instantiate_from_config(unet_config, where="model.params.unet_config")
+        self.ema = EMA(self.unet, ema_decay) if ema_decay else None
+        text_encoder = self._build_text_encoder(conditioning, text_encoder_config)
+        self.conditioning = Conditioning(conditioning, getattr(self.unet, "num_classes", None), text_encoder,
+                                         cond_drop_prob, label_key, text_key)
+        # Frozen helpers live in a plain attribute: not submodules, so not in state_dict / optimizer / DDP.
+        self._frozen: dict[str, nn.Module | None] = {"first_stage": self._load_first_stage(first_stage, stats)}
+        if input == "live" and self._frozen["first_stage"] is None:
+            raise ValueError("input='live' needs a first stage: set model.params.first_stage.path")
+        self._ema_seen_step = -1
+
+    # ------------------------------------------------------------------ construction helpers
+    def _init_normalisation(self, stats: Mapping, scale_factor: float | None, shift: Any,
+                            latent_shape: Sequence[int] | None) -> None:
+        scale = scale_factor if scale_factor is not None else stats.get("scale_factor")
+        shift = shift if shift is not None else stats.get("shift")
+        if self.input_mode == "live" and (scale is None or shift is None):
+            raise ValueError("input='live' needs latent_stats (the cache's manifest.json) or scale_factor and shift, "
+                             "so that live batches are normalised exactly like cached ones")
+        if scale is None:
+            log.warning("no latent_stats / scale_factor: latents are decoded with scale_factor=1, shift=0")
+        self.register_buffer("scale_factor", torch.tensor(float(1.0 if scale is None else scale)))
+        self.register_buffer("shift", torch.as_tensor(0.0 if shift is None else shift, dtype=torch.float32).reshape(-1))
+        shape = latent_shape if latent_shape is not None else stats.get("latent_shape")
+        # (0, 0, 0) = unknown yet: filled in from the first batch, then saved with the checkpoint.
+        self.register_buffer("latent_shape", torch.tensor(list(shape) if shape else [0, 0, 0], dtype=torch.long))
+
+    @staticmethod
+    def _build_text_encoder(conditioning: str, config: Mapping | None) -> nn.Module | None:
+        if conditioning != "text":
+            return None
+        if config is None:
+            raise ValueError("conditioning='text' needs model.params.text_encoder_config")
+        encoder = instantiate_from_config(config, where="model.params.text_encoder_config")
+        return encoder.eval().requires_grad_(False)
+
+    @staticmethod
+    def _load_first_stage(config: Mapping | None, stats: Mapping) -> nn.Module | None:
+        if not config or not config.get("path"):
+            return None
+        from ldm.first_stage import load_first_stage
+
+        path = config["path"]
+        if path == FROM_MANIFEST:
+            path = (stats.get("autoencoder") or {}).get("ckpt_path")
+            if not path:
+                raise ValueError("first_stage.path=from_manifest needs latent_stats pointing at a manifest that "
+                                 "records the autoencoder's ckpt_path")
+        model, info = load_first_stage(path, use_ema=config.get("use_ema", True))
+        log.info("first stage: %s (%s weights, sha256 %s)", info["ckpt_path"], info["weights"], info["sha256"][:12])
+        return model
+
+    def setup(self, stage: str) -> None:
+        if self.conditioning.mode == "text":
+            width = getattr(self.conditioning.text_encoder, "out_dim", None)
+            if getattr(self.unet, "context_dim", None) != width:
+                raise ValueError(f"unet_config.params.context_dim={getattr(self.unet, 'context_dim', None)} must "
+                                 f"equal the text encoder's width {width}")
+
+    # ------------------------------------------------------------------ frozen helpers
+    @property
+    def first_stage(self) -> nn.Module | None:
+        model = self._frozen["first_stage"]
+        if model is not None and next(model.parameters()).device != self.device:
+            model.to(self.device)
+        return model
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.conditioning.num_classes if self.conditioning.mode == "class" else None
+
+    def inference_unet(self, use_ema: bool = True) -> nn.Module:
+        return self.ema.module if (use_ema and self.ema is not None) else self.unet
+
+    # ------------------------------------------------------------------ inputs
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] → normalised latents, in fp32 like the cache (whatever the autocast)."""
+        with torch.autocast(self.device.type, enabled=False):
+            posterior = self.first_stage.encode(x.to(self.device).float())
+            z = posterior.mean
+            if sample:
+                draw = generator.device if generator is not None else z.device
+                z = z + posterior.std * torch.randn(z.shape, generator=generator, device=draw).to(z.device)
+        return self.normalise(z)
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.shift.reshape(-1, 1, 1)) * self.scale_factor
+
+    def denormalise(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scale_factor + self.shift.reshape(-1, 1, 1)
+
+    def get_input(self, batch: Mapping[str, Any], train: bool = False,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(z_norm, cond)``; ``train`` applies CFG dropout (and posterior sampling in live mode)."""
+        if self.input_mode == "cached":
+            z = batch[self.latent_key].to(self.device).float()
+        else:
+            z = self.encode_images(batch[self.image_key], sample=train and self.sample_posterior, generator=generator)
+        if int(self.latent_shape[0]) == 0:
+            self.latent_shape.copy_(torch.tensor(z.shape[1:]))
+        cond = self.conditioning.from_batch(batch, self.device, dropout=train, generator=generator)
+        return z, cond
+
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        trainer = self._trainer
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        seed = ((self.noise_seed * 1_000_003 + self.global_step) * 4096 + batch_idx % accumulate) * 1024 + rank
+        return torch.Generator(device=self.device).manual_seed(seed % 2**63)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every sample of the batch was unreadable (already counted and warned)
+            return None
+        gen = self._generator(batch_idx)
+        z, cond = self.get_input(batch, train=True, generator=gen)
+        loss, logs = diffusion_loss(self.unet, z, self.schedule, self.parameterization, cond, self.min_snr_gamma,
+                                    generator=gen)
+        check_finite(loss, self.global_step, logs)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True, on_epoch=False,
+                      batch_size=z.shape[0])
+        return loss
+
+    def on_train_start(self) -> None:
+        self._ema_seen_step = self.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Once per optimizer step: with gradient accumulation global_step moves only when the optimizer stepped.
+        if self.ema is not None and self.global_step > self._ema_seen_step:
+            self.ema.update(self.unet)
+            self._ema_seen_step = self.global_step
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.learning_rate, betas=self.betas,
+                                      weight_decay=self.weight_decay)
+        if not self.lr_warmup_steps:
+            return optimizer
+        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / self.lr_warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
+        z, cond = self.get_input(batch)
+        metrics = {}
+        models = {"": self.unet, **({"_ema": self.ema.module} if self.ema is not None else {})}
+        for suffix, model in models.items():
+            # The same t and noise for every validation run and both models: comparable numbers.
+            gen = torch.Generator(device=self.device).manual_seed(batch_idx)
+            loss, _ = diffusion_loss(model, z, self.schedule, self.parameterization, cond, self.min_snr_gamma,
+                                     generator=gen)
+            metrics[f"val/loss{suffix}"] = loss
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=z.shape[0])
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_latents(self, seeds: Sequence[int], labels: Sequence[int] | None = None,
+                       texts: Sequence[str] | None = None, steps: int | None = None, eta: float | None = None,
+                       cfg: float | None = None, sampler: str = "ddim", use_ema: bool = True,
+                       progress: bool = False) -> torch.Tensor:
+        """Normalised latents, one per seed; each depends only on its seed and condition."""
+        if int(self.latent_shape[0]) == 0:
+            raise RuntimeError("latent_shape is unknown: set model.params.latent_shape (or latent_stats)")
+        n = len(seeds)
+        cond, uncond = self.conditioning.for_sampling(n, self.device, labels, texts)
+        scale = self.sample_cfg if cfg is None else cfg
+        kw = dict(shape=self.latent_shape.tolist(), seeds=list(seeds), schedule=self.schedule,
+                  kind=self.parameterization, cond=cond, uncond=uncond if scale != 1.0 else None,
+                  guidance_scale=scale if uncond is not None else 1.0, device=self.device, progress=progress)
+        model = self.inference_unet(use_ema)
+        if sampler == "ddim":
+            return sample_ddim(model, steps=steps or self.sample_steps,
+                               eta=self.sample_eta if eta is None else eta, **kw)
+        if sampler == "ddpm":
+            return sample_ddpm(model, steps=steps or self.sample_steps, **kw)
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+
+    @torch.no_grad()
+    def decode(self, z_norm: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → images in [-1, 1] through the first stage (fp32)."""
+        if self.first_stage is None:
+            raise RuntimeError("no first stage configured (model.params.first_stage.path): cannot decode latents")
+        with torch.autocast(self.device.type, enabled=False):
+            return self.first_stage.decode(self.denormalise(z_norm.float())).clamp(-1, 1)
+
+    def _show_latents(self, z_norm: torch.Tensor) -> torch.Tensor:
+        """Decoded images, or (without a first stage) the first 3 latent channels squashed to [-1, 1]."""
+        if self.first_stage is not None:
+            return self.decode(z_norm)
+        z = z_norm[:, :3]
+        return torch.tanh(z / 2) if z.shape[1] == 3 else torch.tanh(z[:, :1] / 2).expand(-1, 3, -1, -1)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any] | None, split: str = "train", max_images: int = 8) -> dict:
+        """Fixed-seed samples (seeds 0..N-1, classes cycling 0..C-1, EMA UNet) and the batch's own latents."""
+        images: dict[str, torch.Tensor] = {}
+        texts = None
+        if batch is not None:
+            z, _ = self.get_input(batch)
+            images["inputs"] = self._show_latents(z[:max_images])
+            if self.conditioning.mode == "text":
+                texts = list(batch[self.conditioning.text_key])[:max_images]
+        n = max_images if texts is None else len(texts)
+        if self.log_prompts:
+            texts = [self.log_prompts[i % len(self.log_prompts)] for i in range(n)]
+        labels = [i % self.num_classes for i in range(n)] if self.num_classes else None
+        if self.conditioning.mode == "text" and texts is None:
+            return images
+        z = self.sample_latents(list(range(n)), labels=labels, texts=texts)
+        images["samples"] = self._show_latents(z)
+        return images

@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Reconstruction quality of a stage-1 autoencoder: PSNR, SSIM, LPIPS and rFID (reconstructions vs the
+originals), at one or several resolutions (the paper's scale-dependency study), for EMA and raw weights.
+
+  python scripts/eval_autoencoder.py --ae logs/<run> --resolutions 128 256 --out eval/ae.json
+  python scripts/eval_autoencoder.py --ae model.safetensors --data configs/data/ffhq.yaml --detector default_1.pt
+
+Reconstruction = decode(encode(x).mode()), clipped to [-1, 1]. Everything that needs weights (the FID
+detector, LPIPS's VGG16) is loaded before any image is read, so a missing file fails at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from ldm.data.latent_cache import dataset_config, deterministic  # noqa: E402
+from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table  # noqa: E402
+from ldm.first_stage import load_first_stage, resolve_source  # noqa: E402
+from ldm.metrics.lpips import build_lpips  # noqa: E402
+
+log = logging.getLogger("eval_autoencoder")
+COLUMNS = ["weights", "resolution", "n", "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "rfid"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ae", required=True, help="stage-1 run folder, .ckpt in one, or exported .safetensors")
+    p.add_argument("--weights", choices=("ema", "raw", "both"), default="both")
+    p.add_argument("--data", help="data config YAML (dataset node, DataModule node or project config); "
+                                  "default: the stage-1 run's own data config")
+    p.add_argument("--split", default="validation", help="data split (data.params.<split>)")
+    p.add_argument("--resolutions", type=int, nargs="+", help="resize the images (antialiased bicubic) to each "
+                                                              "of these sides; default: the data's own size")
+    p.add_argument("--max-samples", type=int, help="evaluate the first N images")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the autoencoder")
+    p.add_argument("--lpips-weights", help="path to torchvision's vgg16-397923af.pth (else $LITEVAE_VGG16 or the "
+                                           "torch hub cache)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    p.add_argument("--require-lpips", action="store_true", help="fail instead of skipping when VGG16 is missing")
+    p.add_argument("--detector", default="inception", help="rFID features: inception | PATH (TorchScript detector "
+                                                           "or Inception .pth) | random (smoke test only)")
+    p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.add_argument("--out", help="results JSON (a markdown table is written next to it, .md)")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def load_data_config(args: argparse.Namespace) -> dict:
+    cfg = OmegaConf.load(args.data if args.data else resolve_source(args.ae)[0])
+    return deterministic(dataset_config(cfg, args.split))
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> list[tuple[str, torch.nn.Module, dict]]:
+    """The requested weight variants; EMA is dropped (with a warning) when the checkpoint has none."""
+    wanted = ["ema", "raw"] if args.weights == "both" else [args.weights]
+    models, kinds = [], set()
+    for name in wanted:
+        model, info = load_first_stage(args.ae, use_ema=name == "ema", device=device)
+        if name == "ema" and info["weights"] != "ema":
+            log.warning("%s has no EMA weights: evaluating only the weights as stored (%s)", args.ae, info["weights"])
+        if info["weights"] in kinds:
+            continue
+        kinds.add(info["weights"])
+        models.append(("raw" if info["weights"] == "live" else info["weights"], model, info))
+    return models
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = pick_device(args.device)
+    try:  # everything that needs a file comes first, so a missing one fails before any compute
+        detector = None if args.no_fid else build_detector(args.detector, device)
+        lpips = None if args.no_lpips else build_lpips(args.lpips_weights,
+                                                       if_missing="error" if args.require_lpips else "skip")
+        data_cfg = load_data_config(args)
+        models = load_models(args, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if detector is not None and not detector.comparable:
+        log.warning("rFID uses a RANDOM feature network: not comparable with any published rFID")
+    lpips = lpips.to(device) if lpips is not None else None
+    rows = []
+    for name, model, info in models:
+        loader = data_loader(data_cfg, args.batch_size, args.workers, args.max_samples)
+        try:
+            results = evaluate_autoencoder(model, loader, args.resolutions, lpips, detector, device,
+                                           args.max_samples, args.precision)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        rows += [{"weights": name, "resolution": r, **metrics} for r, metrics in results.items()]
+    report = {"command": sys.argv if argv is None else ["eval_autoencoder.py", *argv],
+              "autoencoder": {k: v for k, v in models[0][2].items() if k != "weights"},
+              "data": {"config": data_cfg, "split": args.split, "max_samples": args.max_samples},
+              "detector": None if detector is None else detector.describe(), "lpips": lpips is not None,
+              "precision": args.precision, "reconstruction": "decode(encode(x).mode()), clipped to [-1, 1]",
+              "results": rows}
+    table = markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(f"`{' '.join(report['command'])}`\n\n{table}")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

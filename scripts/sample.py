@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Sample a trained latent diffusion model into a PNG folder, ``samples.npz`` and ``grid.png``.
+
+  python scripts/sample.py logs/<stage-2 run> --seeds 0-999 --batch 64 --out samples/
+  python scripts/sample.py logs/<run>/checkpoints/last.ckpt --seeds 0-63 --class 3 --cfg 3
+  torchrun --nproc_per_node=8 scripts/sample.py logs/<run> --seeds 0-49999 --batch 125 --precision bf16
+
+The run's saved config names the first stage (override with --first-stage). Every image depends only on its
+seed (and class / prompt): any --batch and any number of processes give the same images. With torchrun each
+rank samples seeds[rank::world] and writes its PNGs; rank 0 then collects them into samples.npz.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, load_diffusion, parse_seeds,  # noqa: E402
+                          read_pngs, write_outputs, write_pngs)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="stage-2 run folder or a .ckpt inside one")
+    p.add_argument("--out", help="output folder (default: <run>/samples/<checkpoint>_<settings>)")
+    p.add_argument("--seeds", default="0-63", help="e.g. 0-999 or 1,5,7 (inclusive ranges)")
+    p.add_argument("--batch", type=int, default=32, help="samples per forward pass (per process)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the config's sample_steps)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1: off; default: the config's)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--class", dest="class_label", type=int, help="class for all samples (default: seed %% classes)")
+    p.add_argument("--prompt", help="text prompt (text-conditional models)")
+    p.add_argument("--first-stage", help="first-stage run folder / ckpt, overriding the run's config")
+    p.add_argument("--no-ema", action="store_true", help="use the live UNet instead of the EMA copy")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (a torchrun rank uses cuda:LOCAL_RANK)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast for the UNet")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    source = Path(args.source)
+    run = source if source.is_dir() else source.parent.parent
+    ckpt = "last" if source.is_dir() else source.stem
+    tag = f"{ckpt}_{args.sampler}{args.steps or ''}_cfg{args.cfg if args.cfg is not None else 'default'}"
+    return run / "samples" / tag
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        # Only barriers cross ranks (images travel as PNG files), so gloo serves CPU and CUDA alike.
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
+    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out) if args.out else default_out(args)
+    module, _ = load_diffusion(args.source, use_ema=not args.no_ema, device=device, first_stage=args.first_stage)
+
+    mine = seeds[rank::world]
+    if mine:
+        images, _ = generate(module, mine, batch_size=args.batch, steps=args.steps, eta=args.eta, cfg=args.cfg,
+                             class_label=args.class_label, prompt=args.prompt, precision=args.precision,
+                             sampler=args.sampler, progress=rank == 0)
+        write_pngs(out / "images", images, mine)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        labels = labels_for_seeds(seeds, module.num_classes, args.class_label)
+        npz = write_outputs(out, read_pngs(out / "images", seeds), seeds, labels)
+        print(f"{len(seeds)} samples: {out / 'images'}, {npz}, {out / 'grid.png'}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

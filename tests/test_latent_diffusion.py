@@ -1,0 +1,276 @@
+"""Stage-2 LightningModule: one optimizer step per conditioning mode (checked against Adam's closed-form first
+step and the EMA formula), cached vs live-encoded batches, exact resume through the CLI, two-process DDP.
+
+The helpers at the top (tiny images, a random stage-1 run folder, its latent cache, a stage-2 config) are
+also used by tests/test_sample_script.py.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from PIL import Image
+
+from conftest import ROOT, subprocess_env
+from ldm import cli
+from ldm.data.images import ImageFolder
+from ldm.data.latent_cache import CacheOptions, cache_latents
+from ldm.data.latents import LatentShards
+from ldm.first_stage import load_first_stage
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.util import instantiate_from_config
+from test_cache_latents import AE_CONFIG  # the tiny random LiteVAE used by the cache tests
+
+SIZE, N_IMAGES, LR = 32, 16, 1e-3
+CLASSES = ("cat", "dog")
+TINY_UNET = {"target": "ldm.modules.unet.UNetModel", "params": {
+    "in_channels": 4, "out_channels": 4, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+    "attention_resolutions": [2], "num_head_channels": 8,
+    "use_scale_shift_norm": True}}  # additive time embeddings vanish under per-channel GroupNorm at width 16
+TINY_TEXT = {"target": "ldm.modules.conditioners.OpenCLIPTextEncoder", "params": {
+    "random_init": True, "text_cfg": {"width": 32, "layers": 2, "heads": 2, "context_length": 77,
+                                      "vocab_size": 49408}}}
+
+
+# ------------------------------------------------------------------------------------ shared helpers
+def make_images(root: Path) -> tuple[Path, Path]:
+    """16 random 32x32 PNGs in two class folders, and a captions file naming the class."""
+    rng = np.random.default_rng(0)
+    captions = {}
+    for i in range(N_IMAGES):
+        cls = CLASSES[i % 2]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / cls / f"img{i:02d}.png")
+        captions[f"{cls}/img{i:02d}.png"] = f"a photo of a {cls} number {i}"
+    captions_file = root.parent / f"{root.name}_captions.json"
+    captions_file.write_text(json.dumps(captions))
+    return root, captions_file
+
+
+def image_dataset(images: Path, captions: Path) -> ImageFolder:
+    return ImageFolder(images, size=SIZE, labels_from_subfolders=True, captions=captions)
+
+
+def make_stage1_run(run: Path) -> Path:
+    """A fake stage-1 run folder (project config + Lightning-style checkpoint) with random weights."""
+    torch.manual_seed(0)
+    ae = instantiate_from_config(AE_CONFIG)
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {f"autoencoder.{k}": v for k, v in ae.state_dict().items()}},
+               run / "checkpoints" / "last.ckpt")
+    (run / "configs").mkdir()
+    project = {"model": {"target": "autoencoder.lightning.AutoencoderModule", "params": {"autoencoder": AE_CONFIG}}}
+    (run / "configs" / "2024-01-01T00-00-00-project.yaml").write_text(yaml.safe_dump(project))
+    return run
+
+
+def make_cache(stage1: Path, images: Path, captions: Path, out: Path) -> Path:
+    """Latent cache of the images (train and validation splits) written by the real cache library."""
+    model, info = load_first_stage(stage1)
+    data_cfg = {"target": "ldm.data.ImageFolder", "params": {"root": str(images), "size": SIZE,
+                                                             "labels_from_subfolders": True, "captions": str(captions)}}
+    for split in ("train", "validation"):
+        opts = CacheOptions(out_dir=str(out), split=split, samples_per_shard=6, batch_size=8)
+        cache_latents(model, info, image_dataset(images, captions), opts, data_cfg)
+    return out
+
+
+def stage2_config(cache: Path, conditioning: str = "class", **params) -> dict:
+    """A tiny stage-2 project config on the cache; every epoch is the same 2 batches of 4 (deterministic)."""
+    unet = copy.deepcopy(TINY_UNET)
+    model = {"unet_config": unet, "conditioning": conditioning, "latent_stats": str(cache),
+             "first_stage": {"path": "from_manifest"}, "ema_decay": 0.999, "sample_steps": 4, "sample_cfg": 2.0,
+             "cond_drop_prob": 0.25, **params}
+    if conditioning == "class":
+        unet["params"]["num_classes"] = len(CLASSES)
+    if conditioning == "text":
+        unet["params"]["context_dim"] = TINY_TEXT["params"]["text_cfg"]["width"]
+        model["text_encoder_config"] = TINY_TEXT
+
+    def latents(split: str) -> dict:
+        return {"target": "ldm.data.LatentShards", "params": {
+            "root": str(cache), "split": split, "shuffle": 0, "flip": False, "seed": 0, "epoch_length": 8}}
+
+    return {
+        "model": {"base_learning_rate": LR, "target": "ldm.models.latent_diffusion.LatentDiffusion", "params": model},
+        "data": {"target": "ldm.data.DataModule",
+                 "params": {"batch_size": 4, "train": latents("train"), "validation": latents("validation")}},
+        "lightning": {
+            "trainer": {"max_steps": 2, "accelerator": "cpu", "log_every_n_steps": 1, "enable_progress_bar": False,
+                        "val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1,
+                        "num_sanity_val_steps": 0, "enable_model_summary": False},
+            "logger": {"tensorboard": None},
+            "checkpoint": {"every_n_train_steps": 1000},
+            "image_logger": {"every_n_steps": 1000, "max_images": 4}}}
+
+
+def write_config(config: dict, path: Path) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run_folder(logdir: Path) -> Path:
+    (run,) = [p for p in logdir.iterdir() if p.is_dir()]
+    return run
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ldm")
+    images, captions = make_images(root / "images")
+    stage1 = make_stage1_run(root / "stage1")
+    return {"images": images, "captions": captions, "stage1": stage1,
+            "cache": make_cache(stage1, images, captions, root / "cache")}
+
+
+def build(config: dict) -> tuple[LatentDiffusion, pl.LightningDataModule]:
+    pl.seed_everything(0)
+    data = instantiate_from_config(config["data"])
+    model = instantiate_from_config(config["model"])
+    model.learning_rate = LR
+    return model, data
+
+
+def trainer(tmp_path: Path, steps: int, **kw) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      default_root_dir=str(tmp_path), **kw)
+
+
+def perturb(model: LatentDiffusion) -> None:
+    """Stand-in for training: the UNet's zero-initialised output layers block most gradients at step 1, so move
+    every weight off its init (in the EMA copy too) so that one step reaches every conditioning path."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.ema.module.load_state_dict(model.unet.state_dict())
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("conditioning", ["none", "class", "text"])
+def test_one_training_step_per_conditioning(setup, tmp_path, conditioning):
+    model, data = build(stage2_config(setup["cache"], conditioning))
+    perturb(model)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    trainer(tmp_path, 1).fit(model, datamodule=data)
+    assert model.global_step == 1 and int(model.ema.num_updates) == 1
+    assert torch.isfinite(trainer_metric := model.trainer.callback_metrics["train/loss"]) and trainer_metric > 0
+
+    after = model.unet.state_dict()
+    # Adam's first step moves every weight by lr·g/(|g|+eps), i.e. by exactly lr where the gradient is not tiny.
+    for name in after:
+        step = (after[name] - before[name]).abs()
+        assert (step <= LR * (1 + 1e-4)).all(), name
+    moved = {k: (after[k] - before[k]).abs() > 0.99 * LR for k in after}
+    total = sum(m.sum().item() for m in moved.values()) / sum(m.numel() for m in moved.values())
+    assert total > 0.9  # (conv biases right before a per-channel GroupNorm get no gradient: they cancel)
+    assert all(moved[k].float().mean() > 0.95 for k in after if k.startswith("time_embed"))  # t reaches the loss
+    if conditioning == "class":  # both classes of the batch reach the loss through their label embedding
+        assert moved["label_emb.weight"][:2].all()
+    if conditioning == "text":  # cross-attention keys see only the text context
+        keys = [k for k in after if "attn2.to_k" in k]
+        assert keys and all(moved[k].float().mean() > 0.9 for k in keys)
+    # EMA after one update with warm-up: decay = min(0.999, 1/10), so ema = 0.1·before + 0.9·after.
+    for name, value in model.ema.module.state_dict().items():
+        torch.testing.assert_close(value, 0.1 * before[name] + 0.9 * after[name], rtol=1e-5, atol=1e-6)
+    # Frozen helpers never enter the checkpoint; the normalisation and latent shape do.
+    keys = model.state_dict().keys()
+    assert not any(k.startswith(("first_stage", "_frozen", "text", "conditioning")) for k in keys)
+    assert {"scale_factor", "shift", "latent_shape"} <= set(keys)
+    assert model.latent_shape.tolist() == [4, SIZE // 8, SIZE // 8]
+
+
+def test_ema_once_per_optimizer_step_with_accumulation(setup, tmp_path):
+    model, data = build(stage2_config(setup["cache"], "class"))
+    trainer(tmp_path, 2, accumulate_grad_batches=2).fit(model, datamodule=data)
+    assert model.global_step == 2 and int(model.ema.num_updates) == 2  # 4 micro-batches, 2 optimizer steps
+
+
+def test_cached_and_live_batches_equal(setup):
+    cached, _ = build(stage2_config(setup["cache"], "class"))
+    live, _ = build(stage2_config(setup["cache"], "class", input="live",
+                                  first_stage={"path": str(setup["stage1"])}))
+    stats = json.loads((setup["cache"] / "manifest.json").read_text())["splits"]["train"]["stats"]
+    assert float(live.scale_factor) == pytest.approx(stats["scale_factor"])
+
+    latents = list(LatentShards(str(setup["cache"]), sample=False, flip=False, shuffle=0))
+    images = image_dataset(setup["images"], setup["captions"])
+    by_key = {images.files[i]: images[i] for i in range(len(images))}
+    collate = torch.utils.data.default_collate
+    z_cached, cond_cached = cached.get_input(collate(latents))
+    z_live, cond_live = live.get_input(collate([by_key[s["key"]] for s in latents]))
+    # The cache stores fp16 posterior means: |error| <= ~1e-3 relative before normalisation.
+    scale = stats["scale_factor"]
+    torch.testing.assert_close(z_live, z_cached, rtol=2e-3, atol=2e-3 * scale)
+    assert torch.equal(cond_live["y"], cond_cached["y"])
+    assert cond_cached["y"].tolist() == [CLASSES.index(s["key"].split("/")[0]) for s in latents]
+    # The reference normalisation: (mean - shift) * scale_factor of a fresh encoding.
+    with torch.no_grad():
+        mean = live.first_stage.encode(collate([by_key[s["key"]] for s in latents])["image"]).mean
+    torch.testing.assert_close(z_live, (mean - stats["shift"]) * scale)
+
+
+def test_live_mode_needs_statistics(setup):
+    config = stage2_config(setup["cache"], "class", input="live", first_stage={"path": str(setup["stage1"])},
+                           latent_stats=None)
+    with pytest.raises(ValueError, match="latent_stats"):
+        instantiate_from_config(config["model"])
+
+
+def _cli(argv: list[str], monkeypatch) -> None:
+    monkeypatch.delenv("LITEVAE_RUN_TIME", raising=False)
+    assert cli.main(argv) == 0
+
+
+def test_resume_continues_exactly(setup, tmp_path, monkeypatch):
+    """2 steps + resume to 4 == 4 uninterrupted steps (same data order, training noise seeded by step).
+    Tolerance: bit-exact is expected on CPU; 1e-6 allows for a different summation order."""
+    base = write_config(stage2_config(setup["cache"], "class"), tmp_path / "ldm.yaml")
+    _cli(["--base", base, "-t", "-l", str(tmp_path / "straight"), "lightning.trainer.max_steps=4"], monkeypatch)
+    _cli(["--base", base, "-t", "-l", str(tmp_path / "split"), "lightning.trainer.max_steps=2"], monkeypatch)
+    split_run = run_folder(tmp_path / "split")
+    assert load_ckpt(split_run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    _cli(["-t", "-r", str(split_run), "lightning.trainer.max_steps=4"], monkeypatch)
+
+    straight = load_ckpt(run_folder(tmp_path / "straight") / "checkpoints" / "last.ckpt")
+    resumed = load_ckpt(split_run / "checkpoints" / "last.ckpt")
+    assert straight["global_step"] == resumed["global_step"] == 4
+    assert int(resumed["state_dict"]["ema.num_updates"]) == 4
+    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-6, atol=1e-6, msg=key)
+    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+    # Validation ran with both weight sets, and sample grids were decoded by the first stage.
+    rows = list(csv.DictReader(open(split_run / "csv" / "metrics.csv")))
+    assert any(r.get("val/loss_ema") for r in rows) and any(r.get("val/loss") for r in rows)
+    grids = list((split_run / "images" / "val").glob("samples_gs-*.png"))
+    assert grids and Image.open(grids[0]).size[0] > 2 * SIZE
+
+
+@pytest.mark.slow
+def test_two_process_ddp_cpu(setup, tmp_path):
+    base = write_config(stage2_config(setup["cache"], "class"), tmp_path / "ldm.yaml")
+    out = subprocess.run(
+        [sys.executable, "main.py", "--base", base, "-t", "-l", str(tmp_path / "logs"),
+         "lightning.trainer.devices=2", "lightning.trainer.strategy=ddp", "lightning.trainer.max_steps=2"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = load_ckpt(run_folder(tmp_path / "logs") / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2 and int(ckpt["state_dict"]["ema.num_updates"]) == 2
+    assert "GLOBAL_RANK: 1" in out.stderr or "distributed_backend=gloo" in out.stderr
