@@ -10,6 +10,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Sequence
 
+from torch.utils.checkpoint import checkpoint
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,8 +35,8 @@ PRESETS: dict[str, tuple[int, tuple[int, ...], int, tuple[int, ...]]] = {
 class LiteVAEUNet(nn.Module):
     """ADM-style UNet without any spatial resampling, attention or time embedding (App. G ``LiteVAEUNetBlock``).
 
-    Encoder path pushes every block output on a skip stack (starting with ``in_layer``'s output);
-    the decoder path pops one skip per block, so ``in_layer``'s skip is left over, as in the paper.
+    Encoder path pushes every block output on a skip stack; the decoder path pops one skip per block.
+    The paper also pushes ``in_layer``'s output, which is never popped, so it is not stored here.
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: int, ch_mult: Sequence[int],
@@ -59,7 +61,7 @@ class LiteVAEUNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.in_layer(x)
-        skips = [h]
+        skips = []  # in_layer's skip is never popped (see class docstring): not keeping it frees it early
         for block in self.down:
             h = block(h)
             skips.append(h)
@@ -96,8 +98,11 @@ class LiteVAEEncoder(nn.Module):
                  extractor_channels: int | None = None, extractor_mult: Sequence[int] | None = None,
                  aggregator_channels: int | None = None, aggregator_mult: Sequence[int] | None = None,
                  num_res_blocks: int = 2, dropout: float = 0.0, norm_groups: int = 32,
-                 downsample: str = "avgpool"):
+                 downsample: str = "avgpool", activation_checkpointing: bool = False):
         super().__init__()
+        # Recompute each UNet's activations in backward instead of storing them: training memory of the
+        # encoder drops to its inputs, for one extra encoder forward per step (no effect in inference).
+        self.activation_checkpointing = activation_checkpointing
         widths = _resolve_widths(size, extractor_channels=extractor_channels, extractor_mult=extractor_mult,
                                  aggregator_channels=aggregator_channels, aggregator_mult=aggregator_mult)
         if downsample not in ("avgpool", "conv"):
@@ -133,6 +138,11 @@ class LiteVAEEncoder(nn.Module):
             bands = haar_dwt_pyramid(x, DWT_LEVELS)
         # The DWT is exact in fp32; hand the UNets their own parameter dtype (autocast still applies).
         dtype = self.aggregator.in_layer.weight.dtype
-        features = [self._to_latent_grid(f(b.to(dtype)), level)
+        features = [self._to_latent_grid(self._run(f, b.to(dtype)), level)
                     for level, (f, b) in enumerate(zip(self.extractors, bands), start=1)]
-        return self.aggregator(torch.cat(features, dim=1))
+        return self._run(self.aggregator, torch.cat(features, dim=1))
+
+    def _run(self, net: nn.Module, x: Tensor) -> Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(net, x, use_reentrant=False)
+        return net(x)

@@ -133,4 +133,4 @@ class CheckpointOnSignal(pl.Callback):
         if self._requested:
             self._requested = False
             log.info("signal received: saving %s", self.ckpt_path)
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)

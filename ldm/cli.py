@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -85,10 +86,15 @@ def load_config(bases: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     return config
 
 
-def build_loggers(config: DictConfig, logdir: Path, run_name: str) -> list:
-    """CSV + TensorBoard by default (offline-safe); more (e.g. wandb) via ``lightning.logger``."""
+def build_loggers(config: DictConfig, logdir: Path, run_name: str, resumed_at: str | None = None) -> list:
+    """CSV + TensorBoard by default (offline-safe); more (e.g. wandb) via ``lightning.logger``.
+
+    Lightning's CSV logger truncates an existing ``metrics.csv``, so a resumed session writes its own
+    ``csv/resumed_<time>/metrics.csv`` and the earlier log is kept.
+    """
+    csv_version = f"resumed_{resumed_at}" if resumed_at else ""
     specs = {
-        "csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv", "version": ""}},
+        "csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "csv", "version": csv_version}},
         "tensorboard": {"target": "pytorch_lightning.loggers.TensorBoardLogger",
                         "params": {"name": "tensorboard", "version": ""}},
     }
@@ -99,7 +105,7 @@ def build_loggers(config: DictConfig, logdir: Path, run_name: str) -> list:
             continue
         spec = OmegaConf.merge({"params": {"save_dir": str(logdir)}}, spec)
         if name == "wandb":
-            spec = OmegaConf.merge({"params": {"name": run_name, "id": run_name}}, spec)
+            spec = OmegaConf.merge({"params": {"name": run_name, "id": run_name, "resume": "allow"}}, spec)
         loggers.append(instantiate_from_config(spec, where=f"lightning.logger.{name}"))
     return loggers
 
@@ -136,7 +142,15 @@ def all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def quiet_known_warnings() -> None:
+    # The EMA copy is in eval mode on purpose; Lightning's check cannot know that.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Emitted by Lightning's own pytree helper with torch >= 2.10; nothing to act on here.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_known_warnings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opt, overrides = parse_args(argv)
     # DDP re-launches this script once per extra rank; they must all agree on the run folder name.
@@ -171,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("initialised weights from %s (optimizers and step start fresh)", opt.init_from)
 
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(config.lightning.get("trainer") or {}, resolve=True)
-    trainer = pl.Trainer(default_root_dir=str(logdir), logger=build_loggers(config, logdir, run_name),
+    trainer = pl.Trainer(default_root_dir=str(logdir), logger=build_loggers(config, logdir, run_name, now if opt.resume else None),
                          callbacks=build_callbacks(config, logdir, now), **trainer_kwargs)
     model.learning_rate = effective_lr(config, trainer, opt.scale_lr)
 
@@ -183,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as err:
         save_after_crash(trainer, model, logdir, err)
         raise
-    trainer.save_checkpoint(logdir / "checkpoints" / "last.ckpt")  # all ranks: it has a barrier inside
+    trainer.save_checkpoint(logdir / "checkpoints" / "last.ckpt", weights_only=False)  # all ranks: it has a barrier inside
     return 0
 
 
@@ -197,7 +211,7 @@ def save_after_crash(trainer: pl.Trainer, model: torch.nn.Module, logdir: Path, 
     path = logdir / "checkpoints" / "last.ckpt"
     log.error("%s: saving %s before exiting", type(err).__name__, path)
     try:
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
     except Exception as save_err:  # never mask the original error
         log.error("could not save the checkpoint: %s", save_err)
 

@@ -54,6 +54,15 @@ def read_latent_stats(path: str | Path) -> dict[str, Any]:
             "manifest": str(path)}
 
 
+def _check_set(params: Mapping[str, Any], where: str = "model.params") -> None:
+    """Fail early, naming the key, on OmegaConf's ``???`` (a value the config says the user must provide)."""
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            _check_set(value, f"{where}.{key}")
+        elif isinstance(value, str) and value == "???":
+            raise ValueError(f"{where}.{key} must be set (the config leaves it as ???); pass {where}.{key}=...")
+
+
 class LatentDiffusion(pl.LightningModule):
     def __init__(
         self,
@@ -86,6 +95,8 @@ class LatentDiffusion(pl.LightningModule):
         text_key: str = "txt",
     ):
         super().__init__()
+        _check_set({"unet_config": unet_config, "first_stage": first_stage, "latent_stats": latent_stats,
+                    "text_encoder_config": text_encoder_config})
         if input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
         self.input_mode, self.sample_posterior = input, sample_posterior
