@@ -102,6 +102,9 @@ def test_sigusr1_checkpoint_then_kill_then_resume(tmp_path):
     assert resumed["global_step"] == step + 2
     assert adam_steps(resumed, 0) == step + 2  # optimizer state was restored, not restarted
     assert int(resumed["state_dict"]["ema.num_updates"]) == step + 2
+    csv_dir = run_dir(logdir) / "csv"
+    assert (csv_dir / "metrics.csv").is_file()  # the first session's log survives the resume
+    assert list(csv_dir.glob("resumed_*/metrics.csv"))
 
 
 @pytest.mark.slow
