@@ -153,7 +153,8 @@ def test_eval_fid_folder_vs_npz_and_stats_cache(fid_images, tmp_path, monkeypatc
     expected = fid_from_features(net(fid_images["other_t"]), net(fid_images["same_t"]))
     assert other["fid"] == pytest.approx(expected, rel=1e-6) and other["fid"] > 1e-6  # same distribution: small but not 0
     # The stats file itself is a valid --ref; a cache made for another detector is refused, not overwritten.
-    from_stats = script.main(["--samples", str(fid_images["other"]), "--ref", str(cache_file), "--detector", "random"])
+    from_stats = script.main(["--samples", str(fid_images["other"]), "--ref", str(cache_file),
+                              "--detector", "random"])
     assert from_stats["fid"] == pytest.approx(expected, rel=1e-9)
     detector = tmp_path / "det.pt"
     torch.jit.save(torch.jit.script(_TinyDetector()), str(detector))
@@ -250,6 +251,15 @@ def test_image_sources_agree(fid_images, tmp_path):
     assert torch.equal(torch.cat([y for _, y in batches]), labels)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_detector_file_kinds(tmp_path):
+    torch.jit.save(torch.jit.script(_TinyDetector()), str(tmp_path / "scripted.pt"))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
+    assert ev.is_torchscript(tmp_path / "scripted.pt") and not ev.is_torchscript(tmp_path / "weights.pth")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        ev.build_detector(str(tmp_path / "missing.pt"))
+
+
 def test_markdown_table():
     table = ev.markdown_table([{"a": 1, "b": 0.123456}, {"a": "x", "c": None}])
     assert table == "| a | b | c |\n|---|---|---|\n| 1 | 0.1235 | — |\n| x | — | — |\n"
@@ -271,7 +281,8 @@ def test_latent_diagnostics_match_direct_computation(cache, tmp_path):  # noqa: 
     for s in bandwidths:
         got = out["mmd"]["per_bandwidth"][str(s)]
         np.testing.assert_allclose(got["values"], [runs[0][s], runs[1][s]], rtol=1e-9)
-        assert got["mean"] == pytest.approx(np.mean(got["values"])) and got["std"] == pytest.approx(np.std(got["values"]))
+        assert got["mean"] == pytest.approx(np.mean(got["values"]))
+        assert got["std"] == pytest.approx(np.std(got["values"]))
     normed = ev.latent_diagnostics(cache, "train", n=100, bandwidths=bandwidths, repeats=1, use_mean=True,
                                    normalize=True)
     direct = mmd_to_standard_normal((means - manifest["shift"]) * manifest["scale_factor"], bandwidths=bandwidths)
