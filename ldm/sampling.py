@@ -66,7 +66,8 @@ def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch
     elif (params.get("first_stage") or {}).get("path") == "from_manifest":
         overrides["first_stage"] = {**OmegaConf.to_container(params.first_stage),
                                     "path": _manifest_first_stage(params.get("latent_stats"))}
-    model_config = OmegaConf.merge(config.model, {"params": overrides})
+    # Merged at the root so that interpolations like ${latents} elsewhere in model.params still resolve.
+    model_config = OmegaConf.merge(config, {"model": {"params": overrides}}).model
     module = instantiate_from_config(model_config, where="model")
     load_weights(module, state, strict=True, what=f"stage-2 model from {ckpt_path}")
     if use_ema and module.ema is None:
