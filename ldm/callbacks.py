@@ -99,8 +99,8 @@ class ThroughputMonitor(pl.Callback):
             self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        images = batch.get("image") if isinstance(batch, dict) else None
-        self._samples += images.shape[0] if images is not None else 0
+        data = next((batch[k] for k in ("image", "latent") if k in batch), None) if isinstance(batch, dict) else None
+        self._samples += data.shape[0] if data is not None else 0
         if (batch_idx + 1) % self.log_every_n_steps:
             return
         elapsed = time.perf_counter() - self._t0

@@ -156,3 +156,19 @@ def test_cached_checkpoint_lookup_uses_existing_hf_cache_only(tmp_path):
     (snapshot / "open_clip_model.safetensors").write_bytes(b"")
     found = _cached_checkpoint("ViT-H-14", "laion2b_s32b_b79k", cache_dir=str(tmp_path))
     assert found == str(snapshot / "open_clip_model.safetensors")
+
+
+def test_narrow_unet_still_sees_time_and_class_without_scale_shift():
+    """GroupNorm with one channel per group would erase the additive embedding (a silent no-op)."""
+    torch.manual_seed(0)
+    model = UNetModel(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+                      attention_resolutions=(), num_classes=3, use_scale_shift_norm=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            assert module.num_channels // module.num_groups >= 4
+    perturb_(model)
+    x = torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1)
+    by_label = model(x, torch.tensor([5, 5]), y=torch.tensor([0, 1]))
+    by_time = model(x, torch.tensor([5, 900]), y=torch.tensor([0, 0]))
+    assert (by_label[0] - by_label[1]).abs().max() > 1e-4
+    assert (by_time[0] - by_time[1]).abs().max() > 1e-4

@@ -29,9 +29,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-def _groups(channels: int, preferred: int = 32) -> int:
-    """Largest divisor of ``channels`` that is <= 32, so tiny test widths still normalise."""
-    return next(g for g in range(min(preferred, channels), 0, -1) if channels % g == 0)
+def _groups(channels: int, preferred: int = 32, min_group_size: int = 4) -> int:
+    """Largest divisor of ``channels`` <= 32 that leaves >= 4 channels per group.
+
+    With one channel per group GroupNorm would exactly cancel the per-channel time/class embedding
+    added just before it, so tiny UNets would get no conditioning signal at all.
+    """
+    limit = max(1, min(preferred, channels // min_group_size))
+    return next(g for g in range(limit, 0, -1) if channels % g == 0)
 
 
 def norm(channels: int) -> nn.GroupNorm:
