@@ -23,7 +23,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.data.latent_cache import (CacheOptions, cache_latents, dataset_config,  # noqa: E402
                                    deterministic, merge_manifest)
 from ldm.first_stage import load_first_stage, resolve_source  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, pick_device  # noqa: E402
 
 log = logging.getLogger("cache_latents")
 
@@ -49,15 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world-size", type=int, help="number of processes, without torchrun")
     p.add_argument("--merge-only", action="store_true", help="only (re)write manifest.json from finished ranks")
     return p.parse_args(argv)
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def setup_ranks(args: argparse.Namespace) -> tuple[int, int, int, bool]:

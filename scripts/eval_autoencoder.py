@@ -25,6 +25,7 @@ from ldm.data.latent_cache import dataset_config, deterministic  # noqa: E402
 from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table  # noqa: E402
 from ldm.first_stage import load_first_stage, resolve_source  # noqa: E402
 from ldm.metrics.lpips import build_lpips  # noqa: E402
+from ldm.util import pick_device  # noqa: E402
 
 log = logging.getLogger("eval_autoencoder")
 COLUMNS = ["weights", "resolution", "n", "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "rfid"]
@@ -53,10 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
     p.add_argument("--out", help="results JSON (a markdown table is written next to it, .md)")
     return p.parse_args(argv)
-
-
-def pick_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def load_data_config(args: argparse.Namespace) -> dict:

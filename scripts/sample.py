@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from ldm.util import pick_device  # noqa: E402
+
 from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, load_diffusion, parse_seeds,  # noqa: E402
                           read_pngs, write_outputs, write_pngs)
 
@@ -43,15 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (a torchrun rank uses cuda:LOCAL_RANK)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast for the UNet")
     return p.parse_args(argv)
-
-
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def default_out(args: argparse.Namespace) -> Path:
