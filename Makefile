@@ -6,13 +6,14 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # Two CPU cores are the reference machine: keep BLAS/OpenMP from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup data test test-fast demo bench gpu-extras clean help
+.PHONY: setup data test test-fast demo compare bench gpu-extras clean help
 
 help:
 	@echo "make setup   create .venv with pinned packages"
 	@echo "make test    run the test suite (CPU)"
-	@echo "make demo    train the tiny LiteVAE on Fashion-MNIST 64x64 (CPU, <10 min)"
-	@echo "make bench   encoder throughput benchmark (quick)"
+	@echo "make demo    the whole pipeline on Fashion-MNIST 64x64 (CPU, <25 min)"
+	@echo "make compare LiteVAE vs SD-VAE downstream, on Fashion-MNIST (CPU, <60 min)"
+	@echo "make bench   all benchmark suites, quick CPU version"
 
 setup: $(VENV)/.installed
 
@@ -41,11 +42,14 @@ test-fast: setup
 demo: setup data
 	$(PY) scripts/demo.py
 
+compare: setup data
+	$(PY) scripts/compare_encoders.py
+
 bench: setup
-	$(PY) scripts/benchmark.py --suite encoder --quick
+	$(PY) scripts/benchmark.py --suite all --quick
 
 gpu-extras: setup
 	$(PY) -m pip install -r requirements-gpu.txt
 
 clean:
-	rm -rf logs/demo* .pytest_cache
+	rm -rf logs/demo logs/*_demo_* latents/*demo_litevae* samples/*demo_ldm* outputs/compare_fmnist .pytest_cache

@@ -1,64 +1,118 @@
+#!/usr/bin/env python
 """``make demo``: the whole pipeline on Fashion-MNIST 64x64 on a laptop CPU.
 
 stage 1 (tiny LiteVAE, full loss)  ->  latent cache  ->  stage 2 (class-conditional LDM)  ->  samples
 ->  accuracy of a classifier trained on real images, on the generated ones.
 
 Every stage is the public command a researcher would type (printed before it runs), so the demo is also
-the tutorial. Outputs land under ``logs/`` and ``latents/``; re-running starts new runs.
+the tutorial. Runs land in ``logs/``, latents in ``latents/``, samples in ``samples/``. A finished stage is
+recorded in ``<state-dir>/state.json`` and skipped when the demo runs again (an interrupted one resumes);
+``--fresh`` starts over with new run folders (nothing is deleted).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import shlex
-import subprocess
+import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldm.compare import class_grid  # noqa: E402
+from ldm.pipeline import PY, ROOT, Pipeline, curve, manifest_summary, metric_keys  # noqa: E402
+
+AE_CONFIG = "configs/autoencoder/litevae_tiny.yaml"
+LDM_CONFIG = "configs/ldm/fmnist_litevae_tiny.yaml"
+DATA_CONFIG = "configs/data/fmnist64_cache.yaml"
 
 
-def run(cmd: list[str]) -> None:
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--logdir", default="logs", help="parent of the run folders")
+    p.add_argument("--latents", default="latents", help="parent of the latent cache (named after the stage-1 run)")
+    p.add_argument("--samples", default="samples", help="parent of the sample folder (named after the stage-2 run)")
+    p.add_argument("--state-dir", default="logs/demo", help="where state.json records finished stages")
+    p.add_argument("--fresh", action="store_true", help="forget finished stages and start new runs")
+    p.add_argument("--data", default=DATA_CONFIG, help="data config to cache (train + validation) and evaluate on")
+    p.add_argument("--seeds", default="0-499", help="sample seeds; the class of seed s is s %% 10")
+    p.add_argument("--stage1-overrides", nargs="*", default=[], help="key=value overrides for stage 1")
+    p.add_argument("--stage2-overrides", nargs="*", default=[], help="key=value overrides for stage 2")
+    p.add_argument("--detector", default="random", help="FID features for eval_fid.py (random: smoke test only)")
+    return p.parse_args(argv)
 
 
-def newest_run(logdir: Path, name: str) -> Path:
-    runs = sorted(logdir.glob(f"*_{name}"))
-    if not runs:
-        raise SystemExit(f"no run folder matching *_{name} in {logdir}")
-    return runs[-1]
-
-
-def validation_curve(run_dir: Path, key: str) -> list[tuple[int, float]]:
-    rows = csv.DictReader(open(run_dir / "csv" / "metrics.csv"))
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
-
-
-def stage1(args, logdir: Path) -> Path:
-    run([PY, "main.py", "--base", "configs/autoencoder/litevae_tiny.yaml", "-t", "-l", str(logdir),
-         "-n", "demo_litevae", *args.stage1_overrides])
-    run_dir = newest_run(logdir, "demo_litevae")
-    curve = validation_curve(run_dir, "val/psnr_ema") or validation_curve(run_dir, "val/psnr")
-    print("\nstage 1 validation PSNR (EMA weights) by step: "
-          + ", ".join(f"{step}: {psnr:.2f} dB" for step, psnr in curve))
-    if len(curve) >= 2:
-        print(f"PSNR {'rose' if curve[-1][1] > curve[0][1] else 'did NOT rise'}: "
-              f"{curve[0][1]:.2f} -> {curve[-1][1]:.2f} dB")
-    print(f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}; grids: {run_dir / 'images'}")
+def stage1(pipe: Pipeline, args: argparse.Namespace) -> Path:
+    run_dir = pipe.train("stage1", [AE_CONFIG], args.logdir, "demo_litevae", args.stage1_overrides)
+    psnr = curve(run_dir, "val/psnr_ema") or curve(run_dir, "val/psnr")
+    print("\nstage 1 validation PSNR (EMA weights) by step: " + ", ".join(f"{s}: {v:.2f} dB" for s, v in psnr))
+    if len(psnr) >= 2:
+        print(f"PSNR {'rose' if psnr[-1][1] > psnr[0][1] else 'did NOT rise'}: "
+              f"{psnr[0][1]:.2f} -> {psnr[-1][1]:.2f} dB")
+    losses = [k for k in metric_keys(run_dir) if k.startswith("train/")]
+    print(f"logged loss terms: {', '.join(losses)}")
+    disc_on = [step for step, factor in curve(run_dir, "train/disc_factor") if factor > 0]
+    print(f"discriminator (full loss) on from step {disc_on[0]}" if disc_on else "discriminator never switched on")
+    print(f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}; grids: {run_dir / 'images'}; "
+          f"CSV log: {run_dir / 'csv'}")
     return run_dir
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--logdir", default="logs")
-    p.add_argument("--stage1-overrides", nargs="*", default=[], help="key=value overrides for stage 1")
-    args = p.parse_args(argv)
+def cache(pipe: Pipeline, args: argparse.Namespace, ae_run: Path) -> Path:
+    latents = Path(args.latents) / ae_run.name  # one cache per autoencoder: a new stage-1 run never mixes in
+    for split in ("train", "validation"):
+        pipe.command(f"cache_{split}", [PY, "scripts/cache_latents.py", "--ae", ae_run, "--data", args.data,
+                                        "--split", split, "--out", latents, "--workers", "0"],
+                     outputs=lambda _: [latents / "manifest.json"])
+    print("\n" + manifest_summary(latents))
+    return latents
+
+
+def stage2_and_samples(pipe: Pipeline, args: argparse.Namespace, latents: Path) -> Path:
+    run_dir = pipe.train("stage2", [LDM_CONFIG], args.logdir, "demo_ldm",
+                         [f"latents={latents}", *args.stage2_overrides])
+    loss = curve(run_dir, "val/loss_ema") or curve(run_dir, "val/loss")
+    if loss:
+        print("\nstage 2 validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in loss))
+    out = Path(args.samples) / run_dir.name
+    pipe.command("sample", [PY, "scripts/sample.py", run_dir, "--seeds", args.seeds, "--batch", "100",
+                            "--out", out], outputs=lambda _: [out / "samples.npz", out / "grid.png"])
+    return out
+
+
+def accuracy(pipe: Pipeline, args: argparse.Namespace, samples: Path) -> dict:
+    result_file = samples / "eval.json"
+    pipe.command("evaluate", [PY, "scripts/eval_fid.py", "--samples", samples / "samples.npz", "--ref", args.data,
+                              "--ref-split", "validation", "--detector", args.detector,
+                              "--classifier-data", args.data, "--classifier-cache",
+                              Path(args.state_dir) / "classifier.pt", "--out", result_file],
+                 outputs=lambda _: [result_file])
+    return json.loads(result_file.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.chdir(ROOT)  # the printed commands and paths are relative to the repository root
+    state_dir = Path(args.state_dir)
+    if args.fresh and state_dir.exists():
+        shutil.move(state_dir, state_dir.with_name(f"{state_dir.name}_{time.strftime('%Y%m%d-%H%M%S')}"))
+    pipe = Pipeline(state_dir)
     t0 = time.time()
-    stage1(args, ROOT / args.logdir)
-    print(f"\ndemo finished in {(time.time() - t0) / 60:.1f} min")
+    ae_run = stage1(pipe, args)
+    latents = cache(pipe, args, ae_run)
+    samples = stage2_and_samples(pipe, args, latents)
+    result = accuracy(pipe, args, samples)
+    fid_note = "" if result["detector"]["comparable"] else " (random features: not comparable with published FIDs)"
+    print(f"\nclassifier (trained on real Fashion-MNIST) recognises {100 * result['class_accuracy']:.1f}% of "
+          f"{result['n_samples']} generated samples as their conditioning class (chance: 10%)")
+    print(f"FID {result['fid']:.2f}{fid_note}")
+    grid = class_grid(samples / "samples.npz", samples / "class_grid.png")
+    print(f"class-conditional sample grid (row c = class c): {grid}; first seeds: {samples / 'grid.png'}; "
+          f"PNGs: {samples / 'images'}")
+    times = ", ".join(f"{name} {sec / 60:.1f}" for name, sec in pipe.seconds().items())
+    print(f"stage wall-clock (min): {times}; this invocation: {(time.time() - t0) / 60:.1f} min")
     return 0
 
 

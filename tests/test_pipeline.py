@@ -1,0 +1,288 @@
+"""Resumable pipeline stages (ldm.pipeline) and the encoder-comparison report (ldm.compare), with fake commands.
+
+A real end-to-end ``compare_encoders.py`` needs ~14 fresh Python processes (each importing torch and Lightning)
+and does not fit a test's budget on two cores; here every command is replaced by a fake that writes the
+files the real one writes, so the orchestration, resume logic and report are checked without the compute.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ldm import compare
+from ldm.compare import Arm, CompareOptions, budget_overrides, class_grid, markdown_table, side_by_side
+from ldm.pipeline import PY, Pipeline, curve, display, manifest_summary, read_metrics, resumable_run, timestamp
+
+
+class Interrupt(Exception):
+    pass
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------ Pipeline
+def test_finished_stages_are_skipped_on_rerun(tmp_path):
+    calls = []
+    pipe = Pipeline(tmp_path, echo=quiet, runner=calls.append)
+    pipe.command("a", ["echo", "a"], collect=lambda: {"value": 1})
+    pipe.command("b", ["echo", "b"])
+    lines = []
+    again = Pipeline(tmp_path, echo=lines.append, runner=calls.append)  # a new process reads state.json
+    assert again.command("a", ["echo", "a"]) == {"value": 1}
+    again.command("b", ["echo", "b"])
+    assert calls == [["echo", "a"], ["echo", "b"]]
+    assert all(line.startswith("[done]") for line in lines) and len(lines) == 2
+    assert set(again.seconds()) == {"a", "b"}
+
+
+def test_interrupted_stage_reruns_and_keeps_its_time(tmp_path):
+    calls = []
+
+    def runner(cmd):
+        calls.append(cmd)
+        if cmd == ["b"] and calls.count(["b"]) == 1:
+            raise Interrupt
+
+    pipe = Pipeline(tmp_path, echo=quiet, runner=runner)
+    pipe.command("a", ["a"])
+    with pytest.raises(Interrupt):
+        pipe.command("b", ["b"])
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["stages"]["a"]["status"] == "done"
+    assert state["stages"]["b"]["status"] == "interrupted" and state["stages"]["b"]["interrupted_seconds"] >= 0
+    again = Pipeline(tmp_path, echo=quiet, runner=runner)
+    again.command("a", ["a"])
+    again.command("b", ["b"])
+    assert calls == [["a"], ["b"], ["b"]]
+    assert again.state["stages"]["b"]["status"] == "done"
+    assert "interrupted_seconds" not in again.state["stages"]["b"]
+
+
+def test_deleted_output_makes_the_stage_run_again(tmp_path):
+    calls = []
+    out = tmp_path / "result.txt"
+
+    def runner(cmd):
+        calls.append(cmd)
+        out.write_text("x")
+
+    Pipeline(tmp_path, echo=quiet, runner=runner).command("s", ["s"], outputs=lambda _: [out])
+    Pipeline(tmp_path, echo=quiet, runner=runner).command("s", ["s"], outputs=lambda _: [out])
+    out.unlink()
+    Pipeline(tmp_path, echo=quiet, runner=runner).command("s", ["s"], outputs=lambda _: [out])
+    assert len(calls) == 2
+
+
+def fake_run(logdir: Path, name: str, rows: list[dict] | None = None) -> Path:
+    run = logdir / f"{timestamp()}_{name}"
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    write_csv(run / "csv" / "metrics.csv", rows or [{"step": 9, "train/loss": 1.0}])
+    return run
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_interrupted_training_resumes_its_own_run_folder(tmp_path):
+    logdir = tmp_path / "runs"
+    old = logdir / "2000-01-01T00-00-00_ae"  # a previous pipeline's run: never resumed by this one
+    (old / "checkpoints").mkdir(parents=True)
+    (old / "checkpoints" / "last.ckpt").write_bytes(b"old")
+    calls = []
+
+    def runner(cmd):
+        calls.append(cmd)
+        if len(calls) == 1:
+            fake_run(logdir, "ae")
+            raise Interrupt  # killed after its first checkpoint
+
+    pipe = Pipeline(tmp_path, echo=quiet, runner=runner)
+    with pytest.raises(Interrupt):
+        pipe.train("stage1", ["configs/a.yaml"], logdir, "ae", ["x=1"])
+    assert calls[0] == [PY, "main.py", "--base", "configs/a.yaml", "-t", "-l", str(logdir), "-n", "ae", "x=1"]
+    run = Pipeline(tmp_path, echo=quiet, runner=runner).train("stage1", ["configs/a.yaml"], logdir, "ae", ["x=1"])
+    assert run != old and run.name.endswith("_ae")
+    assert calls[1] == [PY, "main.py", "-r", str(run), "-t", "x=1"]
+    assert resumable_run(logdir, "ae", since="1999-01-01T00-00-00") == run  # the newest one with a checkpoint
+
+
+def test_display_shows_python_and_quotes():
+    assert display([PY, "main.py", "a b"]) == "python main.py 'a b'"
+
+
+def test_curves_join_resumed_sessions(tmp_path):
+    write_csv(tmp_path / "csv" / "metrics.csv", [{"step": 10, "val/psnr": 20.0}, {"step": 20, "val/psnr": 21.0},
+                                                 {"step": 20, "train/loss": 0.5}])
+    write_csv(tmp_path / "csv" / "resumed_2026-01-01T00-00-00" / "metrics.csv",
+              [{"step": 20, "val/psnr": 21.5}, {"step": 30, "val/psnr": 22.0}])
+    assert len(read_metrics(tmp_path)) == 5
+    assert curve(tmp_path, "val/psnr") == [(10, 20.0), (20, 21.5), (30, 22.0)]  # the resumed value wins
+    assert curve(tmp_path, "val/ssim") == []
+
+
+def test_manifest_summary_names_splits_and_scale(tmp_path):
+    entry = {"total": 100, "shards": [{"name": "a.tar"}], "total_skipped": 0, "latent_shape": [4, 8, 8],
+             "image_shape": [3, 64, 64], "latent": {"dtype": "float16"},
+             "stats": {"shift": 0.1, "scale_factor": 2.5, "channel_std": [0.4, 0.5]},
+             "autoencoder": {"sha256": "ab" * 32}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": entry}}))
+    text = manifest_summary(tmp_path)
+    assert "train: 100 samples in 1 shards" in text and "scale_factor 2.5" in text and "[4, 8, 8]" in text
+
+
+# ------------------------------------------------------------------------------------------ report parts
+def test_budget_overrides_reach_lightning_as_a_duration():
+    from pytorch_lightning.callbacks import Timer
+
+    over = budget_overrides(400, 1.5, disc_start=True)
+    cfg = OmegaConf.from_dotlist(over)
+    assert cfg.lightning.trainer.max_steps == 400 and cfg.model.params.loss.params.disc_start == 200
+    timer = Timer(duration=OmegaConf.to_container(cfg.lightning.trainer.max_time))
+    assert timer._duration == 90
+    assert budget_overrides(None, None) == []
+
+
+def test_class_grid_puts_one_class_per_row(tmp_path):
+    labels = np.arange(40) % 4
+    images = np.repeat((labels * 60).astype(np.uint8)[:, None, None, None], 8, 1).repeat(8, 2).repeat(3, 3)
+    np.savez(tmp_path / "samples.npz", arr_0=images, labels=labels)
+    grid = np.asarray(Image.open(class_grid(tmp_path / "samples.npz", tmp_path / "g.png", per_class=5)))
+    assert Image.open(class_grid(tmp_path / "samples.npz", tmp_path / "h.png", per_class=20)).size == (102, 42)
+    assert grid.shape == (4 * 10 + 2, 5 * 10 + 2, 3)
+    for c in range(4):
+        row = grid[2 + 10 * c:10 + 10 * c, 2:-2:10]  # the first pixel row/col of each tile in row c
+        assert (row[:, :5] == 60 * c).all()
+
+
+def test_side_by_side_keeps_every_image(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(a)
+    Image.new("RGB", (30, 12), (0, 0, 255)).save(b)
+    out = Image.open(side_by_side({"A": a, "B": b}, tmp_path / "ab.png", gap=4, caption=16))
+    assert out.size == (54, 28)
+    assert out.getpixel((5, 20)) == (255, 0, 0) and out.getpixel((30, 20)) == (0, 0, 255)
+
+
+def test_markdown_table_formats_counts_and_accuracy():
+    table = markdown_table([{"encoder": "LiteVAE", "encoder params": 12345, "accuracy": 0.8125, "FID": 12.3456,
+                             "KID": None}])
+    assert table.splitlines()[0] == "| encoder | encoder params | accuracy | FID | KID |"
+    assert table.splitlines()[2] == "| LiteVAE | 12,345 | 81.2% | 12.35 | — |"
+
+
+# ------------------------------------------------------------------------------------------ compare wiring
+def arg(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+class FakeCommands:
+    """Writes what each public command would write; can be told to interrupt the n-th command."""
+
+    def __init__(self, interrupt_at: int | None = None):
+        self.calls: list[list[str]] = []
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, cmd: list[str]) -> None:
+        self.calls.append(cmd)
+        script = cmd[1]
+        if script == "main.py":
+            self.train(cmd)
+        elif script.endswith("cache_latents.py"):
+            Path(arg(cmd, "--out")).mkdir(parents=True, exist_ok=True)
+            (Path(arg(cmd, "--out")) / "manifest.json").write_text("{}")
+        elif script.endswith("sample.py"):
+            self.sample(Path(arg(cmd, "--out")))
+        elif script.endswith("eval_autoencoder.py"):
+            self.json(arg(cmd, "--out"), {"results": [{"weights": "ema", "psnr": 25.0, "ssim": 0.9, "rfid": 3.0}]})
+        elif script.endswith("eval_fid.py"):
+            self.json(arg(cmd, "--out"), {"fid": 10.0, "kid_mean": 0.01, "class_accuracy": 0.8})
+        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
+            raise Interrupt
+
+    def train(self, cmd: list[str]) -> None:
+        if "-r" in cmd:
+            return
+        run = fake_run(Path(arg(cmd, "-l")), arg(cmd, "-n"),
+                       [{"step": s, "train/loss": 1 / s, "train/rec": 1 / s, "val/psnr_ema": 20 + s / 10,
+                         "val/loss_ema": 1 / s} for s in (10, 20)])
+        for name in ("inputs", "reconstructions_ema"):
+            (run / "images" / "val").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 16)).save(run / "images" / "val" / f"{name}_gs-0000020_e-0000.png")
+
+    @staticmethod
+    def sample(out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "samples.npz", arr_0=np.zeros((20, 8, 8, 3), np.uint8), labels=np.arange(20) % 2)
+        Image.new("RGB", (8, 8)).save(out / "grid.png")
+
+    @staticmethod
+    def json(path: str, obj: dict) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj))
+
+
+def fake_measure(runs):
+    return {k: {"encoder_params": 1000 * (i + 1), "encoder_images_per_s": 50.0 / (i + 1)}
+            for i, k in enumerate(runs)}
+
+
+ARMS = [Arm("lite", "LiteVAE", "configs/autoencoder/litevae_tiny.yaml", "configs/ldm/fmnist_litevae_tiny.yaml"),
+        Arm("sd", "SD-VAE", "configs/autoencoder/sd_vae_tiny.yaml", "configs/ldm/fmnist_sd_vae_tiny.yaml")]
+
+
+def options(tmp_path: Path, **kw) -> CompareOptions:
+    settings = dict(out_dir=str(tmp_path / "cmp"), arms=ARMS, ae_steps=20, ldm_steps=20, seeds="0-19",
+                    detector="random")
+    return CompareOptions(**{**settings, **kw})
+
+
+def test_compare_runs_both_arms_alike_and_writes_the_report(tmp_path):
+    fake = FakeCommands()
+    opts = options(tmp_path)
+    report = compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
+    scripts = [Path(c[1]).name for c in fake.calls]
+    assert scripts == ["main.py", "cache_latents.py", "cache_latents.py", "main.py", "sample.py",
+                       "eval_autoencoder.py", "eval_fid.py"] * 2
+    stage1 = [c for c in fake.calls if c[1] == "main.py" and "--base" in c and "autoencoder" in arg(c, "--base")]
+    assert [c[c.index("-t"):] for c in stage1][0][-2:] == ["lightning.trainer.max_steps=20",
+                                                           "model.params.loss.params.disc_start=10"]
+    assert stage1[0][-2:] == stage1[1][-2:]  # same steps and discriminator start for both encoders
+    seeds = {arg(c, "--seeds") for c in fake.calls if c[1].endswith("sample.py")}
+    assert seeds == {"0-19"}
+    text = report.read_text()
+    assert "| LiteVAE | 1,000 | 50 | 25 | 0.9 |" in text and "| SD-VAE | 2,000 | 25 |" in text
+    assert "random feature network" in text
+    out = Path(opts.out_dir)
+    for png in ("plots/curves.png", "plots/metrics.png", "grids/samples.png", "grids/reconstructions.png"):
+        assert Image.open(out / png).size[0] > 0 and f"]({png})" in text
+    assert json.loads((out / "results.json").read_text())["rows"][1]["accuracy"] == 0.8
+
+
+def test_compare_resumes_after_an_interruption(tmp_path):
+    opts = options(tmp_path)
+    first = FakeCommands(interrupt_at=11)  # the 11th command: the second arm's stage 2
+    with pytest.raises(Interrupt):
+        compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=first), measure=fake_measure)
+    second = FakeCommands()
+    compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=second), measure=fake_measure)
+    assert [Path(c[1]).name for c in second.calls] == ["main.py", "sample.py", "eval_autoencoder.py",
+                                                       "eval_fid.py"]
+    assert "-r" in second.calls[0]  # the interrupted LDM run continues from its checkpoint
+    with pytest.raises(ValueError, match="ldm_steps"):
+        compare.run_comparison(options(tmp_path, ldm_steps=50),
+                               Pipeline(opts.out_dir, echo=quiet, runner=second), measure=fake_measure)
