@@ -221,6 +221,17 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ figures
+def _save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(runs: Mapping[str, Mapping[str, str | Path]], panels: Sequence[tuple[str, str, str]],
                 path: str | Path) -> Path:
     """One subplot per ``(run kind, metric key, title)``; one line per arm. ``runs[label][kind]`` = run folder."""
@@ -238,12 +249,7 @@ def plot_curves(runs: Mapping[str, Mapping[str, str | Path]], panels: Sequence[t
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: str | Path) -> Path:
@@ -260,12 +266,7 @@ def plot_bars(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: s
         ax.bar(labels, values, color=[f"C{i}" for i in range(len(rows))])
         ax.set_title(metric, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def side_by_side(images: Mapping[str, str | Path], path: str | Path, gap: int = 8, caption: int = 16) -> Path:
