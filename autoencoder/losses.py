@@ -199,10 +199,10 @@ class AutoencoderLoss(nn.Module):
 
     def _adaptive_weight(self, nll: Tensor, g_adv: Tensor, last_layer: Tensor | None) -> Tensor:
         """VQGAN Eq. (2): ‖∇nll‖ / (‖∇g_adv‖ + δ) at ``last_layer``, clamped to [0, 1e4], detached."""
-        if last_layer is None:
-            raise ValueError("adaptive_disc_weight=True needs last_layer (e.g. the decoder's conv_out.weight)")
         if not (torch.is_grad_enabled() and nll.requires_grad and g_adv.requires_grad):
             return nll.new_ones(())  # validation / no-grad: no gradients to compare, use the constant weight
+        if last_layer is None:
+            raise ValueError("adaptive_disc_weight=True needs last_layer (e.g. the decoder's conv_out.weight)")
         nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_adv, last_layer, retain_graph=True)[0]
         ratio = nll_grad.norm() / (g_grad.norm() + ADAPTIVE_DELTA)

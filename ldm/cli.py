@@ -131,7 +131,8 @@ def effective_lr(config: DictConfig, trainer: pl.Trainer, scale: bool) -> float:
         log.info("learning rate %.3g (base_learning_rate, not scaled; --scale_lr to scale)", base_lr)
         return base_lr
     batch = int(config.data.params.batch_size)
-    accumulate = int(config.model.params.get("accumulate_grad_batches", 1))
+    # Stage 1 accumulates in its own (manual) loop, stage 2 through the Trainer.
+    accumulate = int(config.model.params.get("accumulate_grad_batches") or trainer.accumulate_grad_batches)
     factor = batch * trainer.num_devices * trainer.num_nodes * accumulate
     log.info("learning rate %.3g = %d (batch) x %d (devices) x %d (nodes) x %d (accumulation) x %.3g (base)",
              factor * base_lr, batch, trainer.num_devices, trainer.num_nodes, accumulate, base_lr)

@@ -57,7 +57,7 @@ def _safetensors_config(path: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"no config sidecar for {path}: expected {path.with_suffix('.yaml').name} or "
-                            f"config.yaml next to it (scripts/export.py writes one)")
+                            f"config.yaml next to it (scripts/export.py writes both)")
 
 
 def resolve_source(source: str | Path) -> tuple[Path, Path]:
@@ -110,3 +110,24 @@ def load_first_stage(source: str | Path | None = None, use_ema: bool = True, dev
     info = {"config": ae_config, "ckpt_path": str(weights_path.resolve()), "sha256": sha256_file(weights_path),
             "weights": kind}
     return model, info
+
+
+def export_first_stage(source: str | Path, out: str | Path, use_ema: bool = True) -> tuple[Path, Path]:
+    """Write the autoencoder's weights (EMA by default) as ``<out>.safetensors`` plus its config sidecar
+    ``<out>.yaml`` (``{model: {params: {autoencoder: ...}}}``), the release format ``load_first_stage`` reads.
+
+    Only the autoencoder is kept: no discriminator, optimizer or EMA duplicate, so the file is a fraction of
+    the training checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    model, info = load_first_stage(source, use_ema=use_ema)
+    out = Path(out).with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out), metadata={"source": info["ckpt_path"], "sha256": info["sha256"],
+                                         "weights": info["weights"]})
+    sidecar = out.with_suffix(".yaml")
+    OmegaConf.save(OmegaConf.create({"model": {"params": {"autoencoder": info["config"]}}}), sidecar)
+    log.info("exported %s weights of %s to %s (+ %s)", info["weights"], info["ckpt_path"], out, sidecar.name)
+    return out, sidecar

@@ -49,8 +49,9 @@ def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch
     """A stage-2 model from a run folder (newest ``configs/*-project.yaml`` + ``checkpoints/last.ckpt``) or a
     ``.ckpt`` inside one, in eval mode on ``device``. ``first_stage`` overrides the decoder's source.
 
-    The normalisation (scale/shift) and latent shape come from the checkpoint's buffers, so the latent cache
-    need not exist on the sampling machine.
+    The normalisation (scale/shift) and latent shape come from the checkpoint's buffers. With
+    ``first_stage.path: from_manifest`` the decoder's checkpoint is found through the cache's
+    ``manifest.json``; on a machine without the cache pass ``first_stage`` (``--first-stage``) instead.
     """
     config_path, ckpt_path = resolve_source(source)
     config = OmegaConf.load(config_path)

@@ -3,7 +3,7 @@
 originals), at one or several resolutions (the paper's scale-dependency study), for EMA and raw weights.
 
   python scripts/eval_autoencoder.py --ae logs/<run> --resolutions 128 256 --out eval/ae.json
-  python scripts/eval_autoencoder.py --ae model.safetensors --data configs/data/ffhq.yaml --detector default_1.pt
+  python scripts/eval_autoencoder.py --ae model.safetensors --data <your data.yaml> --detector default_1.pt
 
 Reconstruction = decode(encode(x).mode()), clipped to [-1, 1]. Everything that needs weights (the FID
 detector, LPIPS's VGG16) is loaded before any image is read, so a missing file fails at once.

@@ -317,3 +317,16 @@ def test_streaming_webdataset_source(tmp_path, model, images, monkeypatch):
     assert set(keys) == {f"s{i:03d}" for i in range(7)} - {"s002"}
     assert set(keys.values()) == {1} and entry["total"] == 6 and not list(out.glob("*.tmp"))
     assert entry["total_skipped"] == 1 and [s["count"] for s in entry["shards"]] == [4, 2]
+
+
+def test_export_script_round_trip(run_dir, tmp_path):
+    """scripts/export.py writes EMA weights + sidecar that load_first_stage reads back exactly."""
+    out = subprocess.run([sys.executable, "scripts/export.py", str(run_dir), "--out", str(tmp_path / "rel" / "ae")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ema_ref = torch.load(run_dir / "ema_reference.pt", weights_only=True)
+    exported, info = load_first_stage(tmp_path / "rel" / "ae.safetensors")
+    assert info["weights"] == "as stored"
+    assert set(exported.state_dict()) == set(ema_ref)
+    assert all(torch.equal(v, ema_ref[k]) for k, v in exported.state_dict().items())
+    assert (tmp_path / "rel" / "ae.yaml").is_file()

@@ -184,6 +184,10 @@ def test_adaptive_weight_matches_manual_autograd():
     torch.testing.assert_close(g_total, g_nll + expected * g_g, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="last_layer"):
         loss_fn.generator_loss(x, xrec, posterior, global_step=10)
+    # Validation runs without gradients and without last_layer: the constant weight applies, no error.
+    with torch.no_grad():
+        _, val_logs = loss_fn.generator_loss(x, decoder(x + 0.1), posterior, global_step=10)
+    assert val_logs["d_weight"].item() == pytest.approx(0.7)
 
 
 # ------------------------------------------------------------------------- LPIPS
