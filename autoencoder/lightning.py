@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim
-from ldm.util import check_finite, instantiate_from_config
+from ldm.util import check_finite, fused_optimizer_kwargs, instantiate_from_config, maybe_compile
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class AutoencoderModule(pl.LightningModule):
         freeze_encoder: bool = False,
         train_crop_schedule: Mapping[int, int] | None = None,
         image_key: str = "image",
+        compile: bool = False,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -59,6 +60,10 @@ class AutoencoderModule(pl.LightningModule):
         self._micro_batches = 0  # micro-batches accumulated since the last optimizer step
         if freeze_encoder:
             self.autoencoder.encoder.requires_grad_(False)
+        # torch.compile (for CUDA runs), applied after the EMA copy so the shadow model stays eager;
+        # module.compile() keeps the state_dict keys.
+        for part in (self.autoencoder.encoder, self.autoencoder.decoder):
+            maybe_compile(part, compile)
 
     # ------------------------------------------------------------------ inputs
     def train_crop_size(self, step: int) -> int | None:
@@ -143,12 +148,13 @@ class AutoencoderModule(pl.LightningModule):
 
     def configure_optimizers(self):
         ae_params = [p for p in self.autoencoder.parameters() if p.requires_grad]
-        opt_ae = torch.optim.Adam(ae_params, lr=self.learning_rate, betas=self.betas)
+        fused = fused_optimizer_kwargs(self.device)
+        opt_ae = torch.optim.Adam(ae_params, lr=self.learning_rate, betas=self.betas, **fused)
         discriminator = getattr(self.loss, "discriminator", None)
         if discriminator is None:
             return opt_ae
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=self.disc_learning_rate or self.learning_rate,
-                                 betas=self.betas)
+                                 betas=self.betas, **fused)
         return [opt_ae, opt_d]
 
     # ------------------------------------------------------------------ validation

@@ -29,6 +29,26 @@ def check_finite(loss: torch.Tensor, step: int, logs: Mapping[str, torch.Tensor]
                                  "data, or try fp32; the last good checkpoint is kept.")
 
 
+def fused_optimizer_kwargs(device: torch.device | str) -> dict[str, bool]:
+    """``{"fused": True}`` for Adam/AdamW on CPU and CUDA, else ``{}``.
+
+    Why: the default (for-loop) Adam issues ~5 small kernels per parameter tensor; with the tiny configs'
+    ~500 tensors that cost ~200 ms per stage-1 step on 2 CPU threads, against ~4 ms fused (same update
+    rule, same state_dict layout; results agree to float rounding).
+    """
+    return {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {}
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool) -> None:
+    """``module.compile()`` in place when ``enabled`` (meant for CUDA; on CPU it mostly adds compile time).
+
+    ``nn.Module.compile`` compiles the module's ``forward`` but keeps the module itself registered, so
+    state_dict keys, checkpoints and the EMA copy are unchanged.
+    """
+    if enabled:
+        module.compile()
+
+
 def get_obj_from_str(path: str) -> Any:
     """Import ``package.module.Name`` and return ``Name``."""
     module, _, name = path.rpartition(".")

@@ -277,3 +277,17 @@ def test_two_process_ddp_cpu(setup, tmp_path):
     ckpt = load_ckpt(run_folder(tmp_path / "logs") / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2 and int(ckpt["state_dict"]["ema.num_updates"]) == 2
     assert "GLOBAL_RANK: 1" in out.stderr or "distributed_backend=gloo" in out.stderr
+
+
+def test_first_stage_changed_since_caching_is_refused(setup, tmp_path):
+    """from_manifest must decode with the checkpoint that made the cache, not whatever is there now."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(setup["cache"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for entry in manifest["splits"].values():
+        entry["autoencoder"]["sha256"] = "0" * 64  # as if stage 1 had been trained further after caching
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="cached with 000000000000"):
+        instantiate_from_config(stage2_config(cache, "class")["model"])

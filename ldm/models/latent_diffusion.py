@@ -29,7 +29,7 @@ from torch import nn
 from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
-from ldm.util import check_finite, instantiate_from_config
+from ldm.util import check_finite, fused_optimizer_kwargs, instantiate_from_config, maybe_compile
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class LatentDiffusion(pl.LightningModule):
         image_key: str = "image",
         label_key: str = "cls",
         text_key: str = "txt",
+        compile: bool = False,
     ):
         super().__init__()
         _check_set({"unet_config": unet_config, "first_stage": first_stage, "latent_stats": latent_stats,
@@ -113,6 +114,7 @@ class LatentDiffusion(pl.LightningModule):
         self._init_normalisation(stats, scale_factor, shift, latent_shape)
         self.unet = instantiate_from_config(unet_config, where="model.params.unet_config")
         self.ema = EMA(self.unet, ema_decay) if ema_decay else None
+        maybe_compile(self.unet, compile)  # for CUDA runs; after the EMA copy, state_dict keys unchanged
         text_encoder = self._build_text_encoder(conditioning, text_encoder_config)
         self.conditioning = Conditioning(conditioning, getattr(self.unet, "num_classes", None), text_encoder,
                                          cond_drop_prob, label_key, text_key)
@@ -161,6 +163,12 @@ class LatentDiffusion(pl.LightningModule):
                                  "records the autoencoder's ckpt_path")
         model, info = load_first_stage(path, use_ema=config.get("use_ema", True))
         log.info("first stage: %s (%s weights, sha256 %s)", info["ckpt_path"], info["weights"], info["sha256"][:12])
+        cached_sha = (stats.get("autoencoder") or {}).get("sha256")
+        if config["path"] == FROM_MANIFEST and cached_sha and cached_sha != info["sha256"]:
+            # The stage-1 run went on after caching: its decoder no longer matches the cached latents.
+            raise ValueError(f"first stage {info['ckpt_path']} has sha256 {info['sha256'][:12]}, but the latents "
+                             f"were cached with {cached_sha[:12]}: re-cache, or set first_stage.path to the "
+                             "checkpoint that made the cache")
         return model
 
     def setup(self, stage: str) -> None:
@@ -247,7 +255,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.learning_rate, betas=self.betas,
-                                      weight_decay=self.weight_decay)
+                                      weight_decay=self.weight_decay, **fused_optimizer_kwargs(self.device))
         if not self.lr_warmup_steps:
             return optimizer
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / self.lr_warmup_steps))
