@@ -79,7 +79,7 @@ def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch
 
 
 def _manifest_first_stage(latent_stats: str | None) -> str:
-    from ldm.models.latent_diffusion import read_latent_stats
+    from ldm.data.latents import read_latent_stats
 
     if not latent_stats:
         raise ValueError("first_stage.path=from_manifest but the config has no latent_stats; pass --first-stage")

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,29 @@ def read_manifest(root: str | Path) -> dict:
         raise FileNotFoundError(f"no manifest.json in {root}: is it a latent cache (scripts/cache_latents.py)? "
                                 "An unfinished cache gets its manifest when the same command is re-run to the end")
     return json.loads(path.read_text())
+
+
+def normalisation_entry(manifest: Mapping[str, Any], split: str | None = None) -> dict:
+    """The split whose statistics normalise every split: ``train`` when cached (one normalisation for
+    training, validation and sampling), else ``split``, else the first one."""
+    splits = manifest.get("splits") or {}
+    if not splits:
+        raise ValueError("the latent cache manifest has no splits")
+    return splits.get("train") or (splits.get(split) if split else None) or next(iter(splits.values()))
+
+
+def read_latent_stats(path: str | Path) -> dict[str, Any]:
+    """``{"scale_factor", "shift", "latent_shape", "autoencoder", "manifest"}`` from a cache folder or its
+    manifest.json, normalised as ``LatentShards`` does (see ``normalisation_entry``)."""
+    path = Path(path)
+    path = path / "manifest.json" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"latent_stats: {path} not found (a latent cache folder or its manifest.json "
+                                "written by scripts/cache_latents.py)")
+    entry = normalisation_entry(json.loads(path.read_text()))
+    return {"scale_factor": float(entry["stats"]["scale_factor"]), "shift": entry["stats"]["shift"],
+            "latent_shape": entry.get("latent_shape"), "autoencoder": entry.get("autoencoder") or {},
+            "manifest": str(path)}
 
 
 def _npy(data: bytes) -> torch.Tensor:
@@ -68,7 +91,7 @@ class LatentShards(IterableDataset):
             raise ValueError(f"{root}: split {split!r} has no non-empty shards")
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"epoch_length must be a positive integer or None, got {epoch_length}")
-        stats = manifest["splits"].get("train", entry)["stats"]
+        stats = normalisation_entry(manifest, split)["stats"]
         self.scale_factor = float(stats["scale_factor"] if scale_factor is None else scale_factor)
         shift = stats["shift"] if shift is None else shift
         self.shift = torch.as_tensor(shift, dtype=torch.float32).reshape(-1, 1, 1)

@@ -17,15 +17,14 @@ rank), not from the global RNG, so a resumed run continues exactly as an uninter
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ldm.data.latents import read_latent_stats
 from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
@@ -35,23 +34,6 @@ log = logging.getLogger(__name__)
 
 INPUTS = ("cached", "live")
 FROM_MANIFEST = "from_manifest"
-
-
-def read_latent_stats(path: str | Path) -> dict[str, Any]:
-    """``{"scale_factor", "shift", "latent_shape", "autoencoder"}`` from a cache folder or its manifest.json
-    (the ``train`` split's entry when present — all splits share one normalisation, as in LatentShards)."""
-    path = Path(path)
-    path = path / "manifest.json" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"latent_stats: {path} not found (a latent cache folder or its manifest.json "
-                                "written by scripts/cache_latents.py)")
-    splits = json.loads(path.read_text()).get("splits") or {}
-    if not splits:
-        raise ValueError(f"latent_stats: {path} has no splits")
-    entry = splits.get("train") or next(iter(splits.values()))
-    return {"scale_factor": float(entry["stats"]["scale_factor"]), "shift": entry["stats"]["shift"],
-            "latent_shape": entry.get("latent_shape"), "autoencoder": entry.get("autoencoder") or {},
-            "manifest": str(path)}
 
 
 def _check_set(params: Mapping[str, Any], where: str = "model.params") -> None:
