@@ -68,7 +68,10 @@ class LiteVAEUNet(nn.Module):
         for block in self.mid:
             h = block(h)
         for block in self.up:
-            h = block(torch.cat([h, skips.pop()], dim=1))
+            # The block takes the only references to h and the skip, so that inference can free them once
+            # they are concatenated (the level-1 extractor's first up block is LiteVAE's inference peak).
+            parts, h = [h, skips.pop()], None
+            h = block.forward_concat(parts)
         return self.out_layer(h)
 
 

@@ -77,12 +77,30 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_memory_growth(fn: Callable[[], object], device: torch.device | str) -> int:
-    """Bytes by which ``fn`` raises the memory peak: CUDA peak allocated, or CPU peak RSS.
+def cpu_peak_allocated_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensors alive during ``fn`` beyond those alive before it: the CPU counterpart of
+    CUDA's ``max_memory_allocated``, replayed from the profiler's allocator events.
 
-    On CPU the peak RSS is a per-process high-water mark, so call this once per fresh process, before
-    anything else large has run (``scripts/benchmark.py`` starts a subprocess per model).
+    Unlike RSS this excludes memory that is not tensors (oneDNN's primitive and weight caches, the malloc
+    arena), so it compares models' activation memory the way the CUDA figure does.
     """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The raw (kineto) events keep every allocation (+bytes) and free (-bytes) with its timestamp; the
+    # aggregated FunctionEvents do not, and a peak needs the running sum in time order.
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def peak_memory_growth(fn: Callable[[], object], device: torch.device | str) -> int:
+    """Bytes by which ``fn`` raises the peak of allocated tensor memory (CUDA or CPU allocator)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -90,6 +108,12 @@ def peak_memory_growth(fn: Callable[[], object], device: torch.device | str) -> 
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    return cpu_peak_allocated_bytes(fn)
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> int:
+    """Bytes by which ``fn`` raises this process's peak RSS (a per-process high-water mark: call it once, in
+    a fresh process, before anything else large has run)."""
     before = current_rss_bytes()
     fn()
     return peak_rss_bytes() - before

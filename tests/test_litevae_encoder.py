@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from autoencoder.blocks import group_norm_silu_
 from autoencoder.litevae_encoder import LiteVAEEncoder, LiteVAEUNet
 from ldm.util import count_params
 
@@ -77,6 +78,34 @@ def test_matches_independent_composition():
         features.append(F.avg_pool2d(extractor(bands), 2 ** (3 - level)) if level < 3 else extractor(bands))
     reference = model.aggregator(torch.cat(features, dim=1))
     torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_path_matches_training_path(channels_last):
+    """Inference frees and overwrites temporaries (in-place GroupNorm on the up-path concats, in-place SiLU
+    and residual adds); the numbers must match the plain autograd path."""
+    torch.manual_seed(4)
+    model = LiteVAEEncoder(z_channels=4, **TINY).eval()
+    x = torch.rand(2, 3, 32, 24) * 2 - 1
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    reference = model(x)  # grad enabled: out-of-place everywhere
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_in_place_group_norm_silu_matches_module():
+    torch.manual_seed(5)
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 12, 5, 7) * 3 + 1
+    expected = F.silu(norm(x))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = x.clone(memory_format=layout)
+        out = group_norm_silu_(y, norm)
+        assert out.data_ptr() == y.data_ptr()  # written in place
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_reach_unets_not_input():
