@@ -1,0 +1,149 @@
+"""The GPU path: bf16 autocast, channels_last, SDPA attention, torch.compile, Lightning on one CUDA device.
+
+Marked ``cuda``: collected only where a CUDA device is visible (tests/conftest.py deselects them elsewhere)
+and run by ``scripts/gpu_check.sh``. Each test compares the CUDA result with a CPU fp32 reference or with
+a closed form, so a silent dtype or layout bug on the GPU path fails here.
+"""
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+
+import numpy as np
+import ptwt
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from autoencoder.litevae_encoder import LiteVAEEncoder
+from autoencoder.sd_vae import Encoder as SDEncoder
+from autoencoder.wavelets import haar_dwt_pyramid
+from conftest import LITEVAE_TINY, STAGE1_TEST_OVERRIDES
+from ldm import cli
+from ldm.data.latent_cache import CacheOptions, cache_rank
+from ldm.first_stage import load_first_stage
+from test_latent_diffusion import build, image_dataset, perturb, stage2_config
+from test_latent_diffusion import setup  # noqa: F401  (module fixture: images, random stage 1, latent cache)
+
+pytestmark = pytest.mark.cuda
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """TF32 would make 'fp32 on CUDA' differ from CPU by ~1e-3; the references below want real fp32."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float().cpu() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("name", ["LiteVAE-B", "SD-VAE"])
+def test_encoder_bf16_channels_last_matches_cpu_fp32(name):
+    torch.manual_seed(0)
+    enc = (LiteVAEEncoder(size="B", z_channels=4) if name == "LiteVAE-B" else SDEncoder(z_channels=4)).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.inference_mode():
+        ref = enc(x)
+        gpu = enc.to(CUDA, memory_format=torch.channels_last)
+        fp32 = gpu(x.to(CUDA).contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = gpu(x.to(CUDA).contiguous(memory_format=torch.channels_last))
+    assert relative_error(fp32, ref) < 1e-4
+    assert bf16.dtype == torch.bfloat16 and relative_error(bf16, ref) < 5e-2  # bf16 has 8 mantissa bits
+
+
+def test_fast_dwt_on_cuda_matches_ptwt():
+    x = torch.randn(2, 3, 64, 48)
+    xg = x.to(CUDA).requires_grad_(True)
+    bands = haar_dwt_pyramid(xg, 3)
+    for level, got in enumerate(bands, start=1):
+        coeffs = ptwt.wavedec2(x, "haar", level=level, mode="symmetric")
+        ref = torch.cat([coeffs[0], *coeffs[1]], dim=1) / 2**level
+        torch.testing.assert_close(got.cpu(), ref, atol=1e-5, rtol=1e-5)
+    sum(b.square().sum() for b in bands).backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_compiled_encoder_matches_eager():
+    torch.manual_seed(1)
+    enc = LiteVAEEncoder(size=None, z_channels=4, extractor_channels=16, extractor_mult=(1, 2),
+                         aggregator_channels=16, aggregator_mult=(1, 2)).to(CUDA).eval()
+    x = torch.rand(2, 3, 64, 64, device=CUDA) * 2 - 1
+    compiled = torch.compile(enc)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), enc(x), atol=1e-4, rtol=1e-4)
+
+
+def test_stage1_training_bf16_mixed_through_cli(tmp_path, setup):  # noqa: F811
+    """The real CLI on one GPU with bf16-mixed: every loss term finite, EMA and both optimizers stepped."""
+    config = OmegaConf.load(LITEVAE_TINY)  # its Fashion-MNIST folder may not exist on a GPU machine
+    folder = {"target": "ldm.data.ImageFolder", "params": {"root": str(setup["images"]), "size": 32}}
+    config.data.params.train = config.data.params.validation = folder
+    OmegaConf.save(config, tmp_path / "stage1.yaml")
+    overrides = [o for o in STAGE1_TEST_OVERRIDES if not o.startswith(("data.params.train", "data.params.val"))]
+    argv = ["--base", str(tmp_path / "stage1.yaml"), "-t", "-l", str(tmp_path / "logs"), *overrides,
+            "lightning.trainer.max_steps=4", "lightning.trainer.accelerator=gpu", "lightning.trainer.devices=1",
+            "lightning.trainer.precision=bf16-mixed"]
+    assert cli.main(argv) == 0
+    (run,) = [p for p in (tmp_path / "logs").iterdir() if p.is_dir()]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    metrics = (run / "csv" / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    for line in metrics[1:]:
+        for key, value in zip(header, line.split(",")):
+            if key.startswith("train/") and value:
+                assert math.isfinite(float(value)), key
+
+
+def test_stage2_step_and_sampling_bf16(setup, tmp_path):  # noqa: F811
+    model, data = build(stage2_config(setup["cache"], "class"))
+    perturb(model)
+    trainer = pl.Trainer(max_steps=2, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=data)
+    assert model.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    model = model.to(CUDA).eval()
+    seeds, labels = [0, 1, 2, 3], [0, 1, 0, 1]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        z_bf16 = model.sample_latents(seeds, labels=labels, steps=4)
+        images = model.decode(z_bf16)
+    assert images.shape == (4, 3, 32, 32) and torch.isfinite(images).all()
+    z = model.sample_latents(seeds, labels=labels, steps=4)
+    assert z.device.type == "cuda" and relative_error(z_bf16, z.cpu()) < 5e-2
+    # Noise is drawn per seed: the same seed gives the same latent inside another batch (fp32, no TF32).
+    again = model.sample_latents([2, 0], labels=[0, 0], steps=4)
+    torch.testing.assert_close(again[1], z[0], atol=1e-4, rtol=1e-4)
+
+
+def read_means(folder) -> dict[str, np.ndarray]:
+    means = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".mean.npy"):
+                    means[member.name[:-len(".mean.npy")]] = np.load(io.BytesIO(tar.extractfile(member).read()))
+    return means
+
+
+def test_caching_on_cuda_matches_cpu(setup, tmp_path):  # noqa: F811
+    model, _ = load_first_stage(setup["stage1"])
+    dataset = image_dataset(setup["images"], setup["captions"])
+    means = {}
+    for device in ("cpu", "cuda"):
+        opts = CacheOptions(out_dir=str(tmp_path / device), batch_size=8, samples_per_shard=16, precision="fp32")
+        cache_rank(model.to(device), dataset, opts, device=device)
+        means[device] = read_means(tmp_path / device)
+    assert len(means["cpu"]) == len(dataset) and means["cpu"].keys() == means["cuda"].keys()
+    for key, ref in means["cpu"].items():  # stored as fp16: equal up to fp16 rounding
+        np.testing.assert_allclose(means["cuda"][key].astype(np.float32), ref.astype(np.float32),
+                                   atol=2e-3, rtol=2e-3)
