@@ -29,7 +29,6 @@ import logging
 import os
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -381,13 +380,7 @@ def cache_rank(model: torch.nn.Module, dataset: Dataset, opts: CacheOptions, ran
 
 def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device, plan: dict, streaming: bool,
               position, first_position: int, total_shards: int | None, progress: bool) -> dict:
-    """The encode/write loop shared by indexed and streaming sources.
-
-    Serialising and writing a batch (numpy, tar headers, statistics) runs on one writer thread while the
-    main thread encodes the next batch: on a GPU the pipeline around the encoder was slower than the
-    encoder itself (docs/benchmarks.md). At most one batch is in flight, so the order of samples, shards
-    and commit points is the same as a serial loop, and a writer error surfaces at the next batch.
-    """
+    """The encode/write loop shared by indexed and streaming sources."""
     from tqdm import tqdm
 
     out, n_per = Path(opts.out_dir), opts.samples_per_shard
@@ -396,77 +389,67 @@ def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device
                         collate_fn=collate_records, pin_memory=device.type == "cuda")
     total = None if streaming else len(source)
     bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{opts.split} r{rank}", dynamic_ncols=True)
+    shard: _Shard | None = None
+    closed, written, skipped, counter, t0 = 0, 0, 0, 0, time.time()
     skip_base = getattr(source, "dataset", None)
-    st = {"shard": None, "closed": 0, "written": 0, "skipped": 0, "t0": time.time(),
-          "skip_seen": getattr(skip_base, "skipped", 0) if streaming else 0}
-
-    def write_batch(batch: dict, positions: list[int], encoded, skips_now: int) -> None:
+    skip_seen = getattr(skip_base, "skipped", 0) if streaming else 0
+    for batch in loader:
+        good_positions = []
+        for r in batch["records"]:
+            p = position(r, counter) if streaming else position(r, None)
+            if streaming:
+                counter += 1
+            good_positions.append(p)
+        if streaming and good_positions[-1] < first_position:
+            bar.update(len(batch["records"]))
+            continue
+        encoded = _encode(model, batch["image"], opts.flip, opts.precision, device) \
+            if batch["image"] is not None else None
         j = 0
-        for r, p in zip(batch["records"], positions):
+        for r, p in zip(batch["records"], good_positions):
             if p < first_position:
                 j += r["sample"] is not None
                 continue
-            index, shard = p // n_per, st["shard"]
+            index = p // n_per
             if shard is None and streaming and first_position > 0:
                 # Skips met while re-reading the already cached prefix belong to earlier shards.
-                st["skip_seen"] = skips_now
+                skip_seen = getattr(skip_base, "skipped", 0)
             if shard is None or shard.index != index:
                 if shard is not None:
                     if streaming:
-                        st["skipped"] += _stream_skips(shard, skips_now, st["skip_seen"])
-                        st["skip_seen"] = skips_now
+                        skipped += _stream_skips(shard, skip_base, skip_seen)
+                        skip_seen = getattr(skip_base, "skipped", 0)
                     shard.close(plan)
-                    st["closed"] += 1
-                shard = st["shard"] = _Shard(out, shard_name(opts.split, rank, index), index, rank)
+                    closed += 1
+                shard = _Shard(out, shard_name(opts.split, rank, index), index, rank)
             if r["sample"] is None:
                 shard.skipped.append({"index": r["index"], "source": r["meta"]["source"], "reason": r["reason"]})
-                st["skipped"] += 1
+                skipped += 1
                 continue
             mean, std, mean_f, std_f = (t[j] if t is not None else None for t in encoded)
             sample, m, s = _sample_bytes(r, opts.dtype, mean, std, mean_f, std_f)
             shard.write(sample, m, s, list(batch["image"].shape[1:]))
-            st["written"] += 1
+            written += 1
             j += 1
-            if fail_after is not None and st["closed"] >= fail_after:
+            if fail_after is not None and closed >= fail_after:
                 raise SimulatedCrash(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash inside {shard.name}")
         bar.update(len(batch["records"]))
-        bar.set_postfix(shards=st["closed"], skipped=st["skipped"])
-
-    counter, pending = 0, None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer") as writer:
-        for batch in loader:
-            positions = []
-            for r in batch["records"]:
-                positions.append(position(r, counter) if streaming else position(r, None))
-                counter += streaming
-            if streaming and positions[-1] < first_position:
-                bar.update(len(batch["records"]))
-                continue
-            skips_now = getattr(skip_base, "skipped", 0) if streaming else 0  # as of this batch's loading
-            encoded = _encode(model, batch["image"], opts.flip, opts.precision, device) \
-                if batch["image"] is not None else None
-            if pending is not None:
-                pending.result()  # re-raises a writer error; keeps one batch in flight
-            pending = writer.submit(write_batch, batch, positions, encoded, skips_now)
-        if pending is not None:
-            pending.result()
-    shard = st["shard"]
+        bar.set_postfix(shards=closed, skipped=skipped)
     if shard is not None:
         if streaming:
-            st["skipped"] += _stream_skips(shard, getattr(skip_base, "skipped", 0), st["skip_seen"])
+            skipped += _stream_skips(shard, skip_base, skip_seen)
         shard.close(plan)
-        st["closed"] += 1
+        closed += 1
     bar.close()
-    stats = {"written": st["written"], "skipped": st["skipped"], "shards": st["closed"],
-             "seconds": time.time() - st["t0"]}
+    stats = {"written": written, "skipped": skipped, "shards": closed, "seconds": time.time() - t0}
     if streaming:
         stats["num_shards"] = (shard.index + 1) if shard is not None else first_position // n_per
     return stats
 
 
-def _stream_skips(shard: _Shard, skipped_now: int, seen: int) -> int:
+def _stream_skips(shard: _Shard, dataset: Any, seen: int) -> int:
     """Streaming sources drop bad samples themselves; attribute the new skips to the shard being closed."""
-    new = skipped_now - seen
+    new = getattr(dataset, "skipped", 0) - seen
     if new > 0:
         shard.skipped.append({"index": None, "source": None, "count": new,
                               "reason": "undecodable sample(s) in the stream (names and errors are in the log)"})
