@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import subprocess
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,9 @@ class _Shard:
         self.out, self.name, self.index, self.rank = out, name, index, rank
         self.tmp = out / f"{name}.tar.tmp"
         self.writer = wds.TarWriter(str(self.tmp), encoder=False)
+        # GNU headers instead of tarfile's default PAX: PAX builds an extended header per member in Python and
+        # was half of the writer's time per sample (profile in docs/benchmarks.md); long keys still work.
+        self.writer.tarstream.format = tarfile.GNU_FORMAT
         self.stats, self.count, self.skipped = LatentStats(), 0, []
         self.latent_shape: list[int] | None = None
         self.image_shape: list[int] | None = None
