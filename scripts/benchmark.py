@@ -164,12 +164,17 @@ def suite_memory(args, ratios: dict) -> list[dict]:
     names = ["LiteVAE-B", "SD-VAE"]
     batch = batch_for(args, 2, 4)
     rows, inference, rss, saved = [], {}, {}, {}
-    for n in names:  # one fresh process per model: peak RSS is a per-process high-water mark
-        # A fixed mmap threshold makes glibc return every freed block >= 64 KiB to the OS at once, so the
-        # RSS follows the live tensors (the default dynamic threshold lets freed blocks linger, +-30 %).
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run(_probe_command(n, args, batch), capture_output=True, text=True, check=True, env=env)
-        probe = json.loads(out.stdout.strip().splitlines()[-1])
+    # One fresh process per model (peak RSS is a per-process high-water mark), both at once: only memory is
+    # measured there, not time. A fixed mmap threshold makes glibc return every freed block >= 64 KiB to the
+    # OS at once, so the RSS follows the live tensors (the default dynamic threshold lets them linger, +-30 %).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    probes = {n: subprocess.Popen(_probe_command(n, args, batch), stdout=subprocess.PIPE, text=True, env=env)
+              for n in names}
+    for n, proc in probes.items():
+        out, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"memory probe for {n} failed (exit {proc.returncode})")
+        probe = json.loads(out.strip().splitlines()[-1])
         inference[n], rss[n] = probe["allocated"], probe["rss"]
     x = images(args, batch)
     for n, ckpt in (("LiteVAE-B", False), ("LiteVAE-B", True), ("SD-VAE", False)):
