@@ -182,7 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = instantiate_from_config(config.data, where="data")
     model = instantiate_from_config(config.model, where="model")
     if opt.init_from:
-        load_weights(model, load_state_dict(opt.init_from), strict=True, what=f"model (from {opt.init_from})")
+        # A model may name buffers that describe this run's data rather than learned weights (stage 2's
+        # latent normalisation): they keep the values this config gave them.
+        load_weights(model, load_state_dict(opt.init_from), strict=True, what=f"model (from {opt.init_from})",
+                     keep=getattr(model, "KEEP_ON_INIT_FROM", ()))
         log.info("initialised weights from %s (optimizers and step start fresh)", opt.init_from)
 
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(config.lightning.get("trainer") or {}, resolve=True)

@@ -5,7 +5,7 @@ import hashlib
 import importlib
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -103,9 +103,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
-                 what: str = "model") -> None:
-    """``load_state_dict`` whose error lists the missing and unexpected keys (a few of each)."""
-    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+                 what: str = "model", keep: Iterable[str] = ()) -> None:
+    """``load_state_dict`` whose error lists the missing and unexpected keys (a few of each).
+
+    ``keep``: keys whose current values stay (dropped from ``state_dict``, never counted as missing).
+    """
+    keep = set(keep)
+    missing, unexpected = module.load_state_dict({k: v for k, v in state_dict.items() if k not in keep},
+                                                 strict=False)
+    missing = [k for k in missing if k not in keep]
     if strict and (missing or unexpected):
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")

@@ -215,6 +215,12 @@ def test_reader_round_trip_and_normalisation(cache, model, dataset):
     assert 0 < sum(picked) < len(picked)
 
 
+def test_resampled_reader_is_reproducible_with_a_seed(cache):
+    def keys(seed):
+        return [s["key"] for s in LatentShards(str(cache), shuffle=0, resampled=True, epoch_length=12, seed=seed)]
+    assert keys(3) == keys(3) and len(keys(3)) == 12
+
+
 def test_reader_epoch_length_and_worker_split(cache):
     ds = LatentShards(str(cache), shuffle=0, epoch_length=7)
     assert len(ds) == 7 and len(list(ds)) == 7

@@ -276,6 +276,14 @@ def test_datamodule_from_config(tree, fmnist_root):
     assert is_overridden("val_dataloader", dm) and not is_overridden("test_dataloader", dm)
 
 
+def test_webdataset_missing_shards_fail_at_start(tmp_path, shards):
+    urls, _ = shards
+    with pytest.raises(FileNotFoundError, match="set data"):
+        WebDatasetImages("???", SIZE)  # OmegaConf's placeholder for a required value
+    with pytest.raises(FileNotFoundError, match="1 of 3 shard"):
+        WebDatasetImages([*wds.shardlists.expand_urls(urls), str(tmp_path / "gone.tar")], SIZE)
+
+
 def test_datamodule_iterable_and_errors(tree, fmnist_root, shards, tmp_path):
     urls, arrays = shards
     dm = DataModule(batch_size=3, train={"target": "ldm.data.WebDatasetImages", "params": {"urls": urls, "size": SIZE}})

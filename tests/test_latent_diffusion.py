@@ -266,6 +266,27 @@ def test_resume_continues_exactly(setup, tmp_path, monkeypatch):
     assert grids and Image.open(grids[0]).size[0] > 2 * SIZE
 
 
+def test_init_from_keeps_this_runs_normalisation(setup, tmp_path, monkeypatch):
+    """--init-from loads the UNet (and EMA) weights but not the old run's latent normalisation buffers."""
+    base = write_config(stage2_config(setup["cache"], "class"), tmp_path / "ldm.yaml")
+    _cli(["--base", base, "-t", "-l", str(tmp_path / "first"), "lightning.trainer.max_steps=1"], monkeypatch)
+    ckpt_path = run_folder(tmp_path / "first") / "checkpoints" / "last.ckpt"
+    ckpt = load_ckpt(ckpt_path)
+    ckpt["state_dict"]["scale_factor"] = torch.tensor(123.0)  # as if trained on another cache
+    ckpt["state_dict"]["shift"] = torch.tensor([9.0])
+    torch.save(ckpt, ckpt_path)
+    _cli(["--base", base, "-t", "-l", str(tmp_path / "second"), "--init-from", str(ckpt_path),
+          "lightning.trainer.max_steps=1"], monkeypatch)
+    second = load_ckpt(run_folder(tmp_path / "second") / "checkpoints" / "last.ckpt")["state_dict"]
+    stats = json.loads((setup["cache"] / "manifest.json").read_text())["splits"]["train"]["stats"]
+    assert second["scale_factor"].item() == pytest.approx(stats["scale_factor"])
+    assert second["shift"].tolist() == pytest.approx(np.atleast_1d(stats["shift"]).tolist())
+    # The learned weights did come from the checkpoint: one step of Adam moves each by at most lr.
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith("unet.") and value.is_floating_point():
+            assert (second[key] - value).abs().max() <= LR * (1 + 1e-4), key
+
+
 @pytest.mark.slow
 def test_two_process_ddp_cpu(setup, tmp_path):
     base = write_config(stage2_config(setup["cache"], "class"), tmp_path / "ldm.yaml")

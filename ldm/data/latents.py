@@ -130,7 +130,13 @@ class LatentShards(IterableDataset):
     # -------------------------------------------------------------------------------- streaming
     def _shards(self) -> Iterator[dict[str, str]]:
         if self.resampled:
-            yield from wds.ResampledShards(self.urls)
+            if self.seed is None:
+                yield from wds.ResampledShards(self.urls)
+            else:  # the same draws on every pass, per rank and worker (reproducible validation streams)
+                info = get_worker_info()
+                stream = _world()[0] * 1009 + (info.id if info else 0)
+                yield from wds.ResampledShards(self.urls, seed=self.seed, worker_seed=lambda: stream,
+                                               deterministic=True)
             return
         mine = [s["url"] for s in wds.split_by_worker(wds.split_by_node(dict(url=u) for u in self.urls))]
         if not mine:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
 from typing import Any, Iterator, Literal
 
@@ -46,6 +47,11 @@ class WebDatasetImages(IterableDataset):
         self.urls = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else [str(u) for u in urls]
         if not self.urls:
             raise ValueError(f"no shards in {urls!r}")
+        # Fail at start, not at the first batch: local shard paths must exist (remote URLs are not checked).
+        missing = [u for u in self.urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shard(s) not found, e.g. {missing[0]!r}"
+                                    + (" (set data...params.urls)" if "???" in str(urls) else ""))
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"epoch_length must be a positive integer or None, got {epoch_length}")
         self.transform = ImageTransform(size, crop, flip)

@@ -46,6 +46,10 @@ def _check_set(params: Mapping[str, Any], where: str = "model.params") -> None:
 
 
 class LatentDiffusion(pl.LightningModule):
+    # Buffers that describe the latents this run trains on, not learned weights: ``main.py --init-from`` keeps
+    # the values from this run's config (a fine-tune on another cache uses that cache's normalisation).
+    KEEP_ON_INIT_FROM = ("scale_factor", "shift", "latent_shape")
+
     def __init__(
         self,
         unet_config: Mapping,
