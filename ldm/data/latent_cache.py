@@ -91,8 +91,8 @@ class LatentStats:
 
     def update(self, mean: np.ndarray, std: np.ndarray) -> None:
         """Add latents ``(N, C, h, w)`` (posterior mean and std)."""
-        m = mean.astype(np.float64).transpose(1, 0, 2, 3).reshape(mean.shape[1], -1)
-        s = std.astype(np.float64).transpose(1, 0, 2, 3).reshape(std.shape[1], -1)
+        m = np.asarray(mean, dtype=np.float64).transpose(1, 0, 2, 3).reshape(mean.shape[1], -1)
+        s = np.asarray(std, dtype=np.float64).transpose(1, 0, 2, 3).reshape(std.shape[1], -1)
         if self.count == 0 and len(self.sum) != m.shape[0]:
             self.__init__(m.shape[0])
         self.count += m.shape[1]
@@ -273,10 +273,9 @@ class _Shard:
         self.latent_shape: list[int] | None = None
         self.image_shape: list[int] | None = None
 
-    def write(self, sample: dict[str, bytes], mean: np.ndarray, std: np.ndarray, image_shape: list[int]) -> None:
+    def write(self, sample: dict[str, bytes], latent_shape: list[int], image_shape: list[int]) -> None:
         self.writer.write(sample)
-        self.latent_shape, self.image_shape = list(mean.shape), image_shape
-        self.stats.update(mean[None], std[None])
+        self.latent_shape, self.image_shape = latent_shape, image_shape
         self.count += 1
 
     def close(self, plan: dict) -> dict:
@@ -289,32 +288,37 @@ class _Shard:
         return record
 
 
-def _encode(model: torch.nn.Module, x: torch.Tensor, flip: bool, precision: str, device: torch.device
-            ) -> tuple[torch.Tensor, ...]:
+def _encode(model: torch.nn.Module, x: torch.Tensor, flip: bool, precision: str, device: torch.device,
+            dtype: str) -> tuple[torch.Tensor | None, ...]:
+    """``(mean, std, mean_flip, std_flip)`` of a batch, on the CPU, already in the storage ``dtype``.
+
+    The cast happens here, once per batch in torch: per-sample numpy float16 casts were the largest CPU cost
+    of caching on a GPU machine (docs/benchmarks.md).
+    """
     x = x.to(device, non_blocking=True)
     n = len(x)
     if flip:
         x = torch.cat([x, x.flip(-1)])
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         posterior = model.encode(x)
-    mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # the posterior is fp32 anyway
+    store = getattr(torch, dtype)
+    mean, std = posterior.mean.float().to(store).cpu(), posterior.std.float().to(store).cpu()
     return (mean[:n], std[:n], mean[n:], std[n:]) if flip else (mean, std, None, None)
 
 
-def _sample_bytes(record: dict, dtype: str, mean, std, mean_f, std_f) -> tuple[dict, np.ndarray, np.ndarray]:
+def _sample_bytes(record: dict, mean, std, mean_f, std_f) -> dict[str, bytes]:
     sample, meta = record["sample"], record["meta"]
-    m, s = mean.numpy().astype(dtype), std.numpy().astype(dtype)
-    out = {"__key__": tar_key(sample["key"]), "mean.npy": npy_bytes(m), "std.npy": npy_bytes(s)}
+    out = {"__key__": tar_key(sample["key"]), "mean.npy": npy_bytes(mean.numpy()), "std.npy": npy_bytes(std.numpy())}
     if mean_f is not None:
-        out["mean_flip.npy"] = npy_bytes(mean_f.numpy().astype(dtype))
-        out["std_flip.npy"] = npy_bytes(std_f.numpy().astype(dtype))
+        out["mean_flip.npy"] = npy_bytes(mean_f.numpy())
+        out["std_flip.npy"] = npy_bytes(std_f.numpy())
     if "cls" in sample:
         out["cls"] = str(int(sample["cls"])).encode()
     if "txt" in sample:
         out["txt"] = str(sample["txt"]).encode("utf-8")
     info = {"key": str(sample["key"]), "source": meta["source"], "size": meta["size"]}
     out["json"] = json.dumps(info).encode()
-    return out, m, s
+    return out
 
 
 def rank_indices(n: int, rank: int, world: int) -> list[int]:
@@ -407,9 +411,11 @@ def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device
         if streaming and good_positions[-1] < first_position:
             bar.update(len(batch["records"]))
             continue
-        encoded = _encode(model, batch["image"], opts.flip, opts.precision, device) \
+        encoded = _encode(model, batch["image"], opts.flip, opts.precision, device, opts.dtype) \
             if batch["image"] is not None else None
-        j = 0
+        # Statistics of the stored values, added once per (batch, shard): rows = this batch's rows in `shard`.
+        stats64 = [t.double().numpy() for t in encoded[:2]] if encoded is not None else None
+        j, rows = 0, []
         for r, p in zip(batch["records"], good_positions):
             if p < first_position:
                 j += r["sample"] is not None
@@ -420,6 +426,9 @@ def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device
                 skip_seen = getattr(skip_base, "skipped", 0)
             if shard is None or shard.index != index:
                 if shard is not None:
+                    if rows:
+                        shard.stats.update(stats64[0][rows], stats64[1][rows])
+                        rows = []
                     if streaming:
                         skipped += _stream_skips(shard, skip_base, skip_seen)
                         skip_seen = getattr(skip_base, "skipped", 0)
@@ -430,13 +439,15 @@ def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device
                 shard.skipped.append({"index": r["index"], "source": r["meta"]["source"], "reason": r["reason"]})
                 skipped += 1
                 continue
-            mean, std, mean_f, std_f = (t[j] if t is not None else None for t in encoded)
-            sample, m, s = _sample_bytes(r, opts.dtype, mean, std, mean_f, std_f)
-            shard.write(sample, m, s, list(batch["image"].shape[1:]))
+            sample = _sample_bytes(r, *(t[j] if t is not None else None for t in encoded))
+            shard.write(sample, list(encoded[0].shape[1:]), list(batch["image"].shape[1:]))
+            rows.append(j)
             written += 1
             j += 1
             if fail_after is not None and closed >= fail_after:
                 raise SimulatedCrash(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash inside {shard.name}")
+        if rows:
+            shard.stats.update(stats64[0][rows], stats64[1][rows])
         bar.update(len(batch["records"]))
         bar.set_postfix(shards=closed, skipped=skipped)
     if shard is not None:
