@@ -275,7 +275,7 @@ def suite_cache(args, ratios: dict) -> list[dict]:
     from ldm.data.latent_cache import CacheOptions, cache_rank
 
     batch = batch_for(args, 2, 8)
-    n = batch * (2 if args.quick else 4)
+    n = batch * (1 if args.quick else 4)
     # The script's default loader workers (4) on CUDA; on CPU the encoder already uses every core.
     workers = 4 if torch.device(args.device).type == "cuda" else 0
     model = _autoencoder("LiteVAE-B", args).eval()
