@@ -65,11 +65,11 @@ def build_encoder(name: str, checkpointing: bool = False) -> nn.Module:
     return LiteVAEEncoder(size=name.split("-")[1], z_channels=4, activation_checkpointing=checkpointing)
 
 
-def prepare(module: nn.Module, args) -> nn.Module:
+def prepare(module: nn.Module, args, compile: bool | None = None) -> nn.Module:
     module = module.to(args.device)
     if args.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    if args.compile:
+    if args.compile if compile is None else compile:
         module = torch.compile(module)
     return module
 
@@ -100,14 +100,17 @@ def suite_encoder(args, ratios: dict) -> list[dict]:
     names.append("SD-VAE")
     batch = batch_for(args, 2, 4)
     x = images(args, batch)
-    eager = {n: build_encoder(n).to(args.device).eval() for n in names}
-    flops = {n: flops_per_image(e, args) for n, e in eager.items()}  # counted before any torch.compile
-    encoders = {n: prepare(e, args) for n, e in eager.items()}
+    eager = {n: prepare(build_encoder(n), args, compile=False).eval() for n in names}
+    # FLOPs are counted on each eager model's first call, which is also its warm-up (compiled ones get one more).
+    flops = {n: flops_per_image(e, x, args) for n, e in eager.items()}
+    encoders = {n: torch.compile(e) if args.compile else e for n, e in eager.items()}
 
     def forward(enc):
         with torch.inference_mode(), autocast(args):
             return enc(x)
-    secs = timed({n: (lambda e=e: forward(e)) for n, e in encoders.items()}, args, 3, 5)
+    secs = time_round_robin({n: (lambda e=e: forward(e)) for n, e in encoders.items()},
+                            repeats=args.repeats or (3 if args.quick else 5), warmup=int(args.compile),
+                            device=args.device)
     # Equal per-FLOP efficiency would make the throughput ratio equal to this compute ratio.
     ratios["encoder_flop_ratio_sd_vs_B"] = round(flops["SD-VAE"] / flops["LiteVAE-B"], 3)
     rows = []
@@ -123,14 +126,14 @@ def suite_encoder(args, ratios: dict) -> list[dict]:
     return rows
 
 
-def flops_per_image(encoder: nn.Module, args) -> int:
-    """FLOPs (2 per multiply-accumulate) of one image's forward, counted by torch's FlopCounterMode."""
+def flops_per_image(encoder: nn.Module, x: torch.Tensor, args) -> float:
+    """FLOPs (2 per multiply-accumulate) per image of a forward on ``x``, counted by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode(), autocast(args):
-        encoder(images(args, 1))
-    return counter.get_total_flops()
+        encoder(x)
+    return counter.get_total_flops() / len(x)
 
 
 def _probe_command(name: str, args, batch: int) -> list[str]:
@@ -310,16 +313,17 @@ def suite_train_ae(args, ratios: dict) -> list[dict]:
     batch = batch_for(args, 1, 2, cuda=8)
     x = images(args, batch, resolution)
     steps = {}
+    # One loss module for all candidates (the same LPIPS trunk and discriminator; only the autoencoder steps).
+    torch.manual_seed(0)
+    loss = prepare(AutoencoderLoss(lpips={"if_missing": "random"}, disc_start=0,
+                                   discriminator={"target": "autoencoder.discriminator.UNetDiscriminator"}), args)
     # The checkpointed LiteVAE-B (saved bytes ~0, see the memory suite) pays one extra encoder forward.
     for name in ("LiteVAE-B", "LiteVAE-B (checkpointing)", "SD-VAE"):
         torch.manual_seed(0)
         model = _autoencoder(name.split(" ")[0], args, checkpointing="checkpointing" in name).train()
-        loss = prepare(AutoencoderLoss(lpips={"if_missing": "random"}, disc_start=0,
-                                       discriminator={"target": "autoencoder.discriminator.UNetDiscriminator"}),
-                       args)
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
 
-        def step(model=model, loss=loss, opt=opt):
+        def step(model=model, opt=opt):
             with autocast(args):
                 xrec, posterior = model(x)
                 g_loss, _ = loss.generator_loss(x, xrec, posterior, 1, last_layer=model.last_layer)
