@@ -29,29 +29,24 @@ def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
 def group_norm_silu_(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """``silu(norm(x))`` written into ``x`` itself (inference only; ``x`` is overwritten).
 
-    Same numbers as ``nn.GroupNorm`` up to float rounding (centred two-pass variance on NCHW data; on other
-    layouts ``var_mean`` over the strided group, which is slow on CPU, see ``can_normalise_in_place``).
+    Same numbers as ``nn.GroupNorm`` up to float rounding: a centred two-pass variance whose statistics are
+    accumulated in fp32 also for bf16/fp16 ``x`` (a mean rounded to bf16 would cancel badly).
     """
-    b, c = x.shape[:2]
-    g = norm.num_groups
-    weight, bias = norm.weight.view(1, g, -1, 1), norm.bias.view(1, g, -1, 1)
-    if x.is_contiguous():  # each group is one contiguous row
-        rows = x.view(b, g, -1)
-        rows.sub_(rows.mean(-1, keepdim=True))
-        var = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(rows.shape[-1])
-        x.view(b, g, c // g, -1).mul_(torch.rsqrt(var.add_(norm.eps)).unsqueeze(-1) * weight).add_(bias)
-    else:
-        groups = x.unflatten(1, (g, -1))  # (B, G, C/G, H, W), a view in any layout
-        var, mean = torch.var_mean(groups, dim=(2, 3, 4), correction=0, keepdim=True)
-        scale = torch.rsqrt(var + norm.eps) * weight.unsqueeze(-1)
-        groups.mul_(scale).add_(bias.unsqueeze(-1) - mean * scale)
+    groups = x.unflatten(1, (norm.num_groups, -1))  # (B, G, C/G, H, W), a view in any layout
+    dims = (2, 3, 4)
+    groups.sub_(groups.mean(dims, keepdim=True, dtype=torch.float32))
+    var = torch.linalg.vector_norm(groups, dim=dims, keepdim=True, dtype=torch.float32).square_()
+    rstd = var.div_(groups[0, 0].numel()).add_(norm.eps).rsqrt_()
+    weight = norm.weight.view(1, norm.num_groups, -1, 1, 1)
+    groups.mul_(rstd * weight).add_(norm.bias.view_as(weight))
     return F.silu(x, inplace=True)
 
 
 def can_normalise_in_place(x: torch.Tensor) -> bool:
-    """Where ``group_norm_silu_`` costs about what ``nn.GroupNorm`` does: NCHW anywhere, any layout on CUDA
-    (on CPU its channels_last reductions measured 3-5x slower than the native kernel)."""
-    return x.is_contiguous() or x.device.type != "cpu"
+    """Where ``group_norm_silu_`` saves memory at about ``nn.GroupNorm``'s cost. On CPU only fp32 NCHW: there
+    its channels_last reductions measured 3-5x slower than the native kernel, and fp32 accumulation of bf16
+    makes a full fp32 copy. On CUDA any layout and dtype (autocast's GroupNorm itself makes two fp32 copies)."""
+    return x.device.type != "cpu" or (x.is_contiguous() and x.dtype == torch.float32)
 
 
 class ResnetBlock(nn.Module):

@@ -151,7 +151,10 @@ def probe_memory(args) -> int:
     def forward():
         with torch.inference_mode(), autocast(args):
             enc(x)
-    rss = peak_rss_growth(forward) if torch.device(args.device).type == "cpu" else None
+    cpu = torch.device(args.device).type == "cpu"
+    rss = peak_rss_growth(forward) if cpu else None  # CPU: the first call's RSS, oneDNN caches included
+    if not cpu:
+        forward()  # warm-up: cuDNN autotuning and library workspaces are not activations
     print(json.dumps({"allocated": peak_memory_growth(forward, args.device), "rss": rss}))
     return 0
 

@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
     CPU suite reports what it ran; ``scripts/gpu_check.sh`` runs them with ``-m cuda`` on a GPU machine."""
     if torch.cuda.is_available():
         return
-    kept = [item for item in items if "cuda" not in item.keywords]
-    if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if "cuda" in item.keywords])
-        items[:] = kept
+    needs_gpu = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if needs_gpu:
+        config.hook.pytest_deselected(items=needs_gpu)
+        items[:] = [item for item in items if item.get_closest_marker("cuda") is None]

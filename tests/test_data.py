@@ -280,8 +280,13 @@ def test_webdataset_missing_shards_fail_at_start(tmp_path, shards):
     urls, _ = shards
     with pytest.raises(FileNotFoundError, match="set data"):
         WebDatasetImages("???", SIZE)  # OmegaConf's placeholder for a required value
+    paths = wds.shardlists.expand_urls(urls)
     with pytest.raises(FileNotFoundError, match="1 of 3 shard"):
-        WebDatasetImages([*wds.shardlists.expand_urls(urls), str(tmp_path / "gone.tar")], SIZE)
+        WebDatasetImages([*paths, str(tmp_path / "gone.tar")], SIZE)
+    with pytest.raises(FileNotFoundError, match="1 of 2 shard"):
+        WebDatasetImages([f"file:{paths[0]}", f"file:{tmp_path}/gone.tar"], SIZE)
+    # Remote and stream URLs are not checked here (webdataset opens them lazily).
+    assert len(WebDatasetImages([*paths, "pipe:cat /nonexistent.tar", "s3://bucket/x.tar"], SIZE).urls) == 4
 
 
 def test_datamodule_iterable_and_errors(tree, fmnist_root, shards, tmp_path):

@@ -94,6 +94,19 @@ def test_inference_path_matches_training_path(channels_last):
         torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_in_place_group_norm_silu_keeps_bf16_accuracy():
+    """A group mean far from zero must not be rounded to bf16 before it is subtracted."""
+    torch.manual_seed(6)
+    norm = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    x = (torch.randn(2, 12, 16, 16) + 16).bfloat16()
+    exact = F.silu(norm(x.float()))  # the same bf16 input, normalised in fp32
+    native = F.silu(F.group_norm(x, 4, norm.weight.bfloat16(), norm.bias.bfloat16(), 1e-6)).float()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        ours = group_norm_silu_(x.clone(memory_format=layout), norm).float()
+        # within 1.5x of what bf16's own GroupNorm gets wrong
+        assert (ours - exact).norm() <= 1.5 * (native - exact).norm()
+
+
 def test_in_place_group_norm_silu_matches_module():
     torch.manual_seed(5)
     norm = torch.nn.GroupNorm(4, 12, eps=1e-6)

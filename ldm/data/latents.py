@@ -132,7 +132,7 @@ class LatentShards(IterableDataset):
         if self.resampled:
             if self.seed is None:
                 yield from wds.ResampledShards(self.urls)
-            else:  # the same draws on every pass, per rank and worker (reproducible validation streams)
+            else:  # the same draws on every pass, per rank and worker: for validation streams, not training
                 info = get_worker_info()
                 stream = _world()[0] * 1009 + (info.id if info else 0)
                 yield from wds.ResampledShards(self.urls, seed=self.seed, worker_seed=lambda: stream,

@@ -12,6 +12,8 @@ import math
 import os
 import random
 from typing import Any, Iterator, Literal
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
@@ -28,6 +30,18 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 def _rank_world() -> tuple[int, int]:
     rank, world, _, _ = wds.utils.pytorch_worker_info()
     return rank, world
+
+
+def _local_path(url: str) -> str | None:
+    """The file a shard URL names on this machine, or None for remote/stream URLs (``s3://``, ``pipe:``, ``-``).
+
+    Where webdataset rewrites URLs (``GOPEN_REWRITE``) nothing is checked."""
+    if url == "-" or os.environ.get("GOPEN_REWRITE"):
+        return None
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        return url2pathname(url[len("file:"):].removeprefix("//"))
+    return url if scheme == "" else None
 
 
 class WebDatasetImages(IterableDataset):
@@ -48,7 +62,7 @@ class WebDatasetImages(IterableDataset):
         if not self.urls:
             raise ValueError(f"no shards in {urls!r}")
         # Fail at start, not at the first batch: local shard paths must exist (remote URLs are not checked).
-        missing = [u for u in self.urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        missing = [u for u in self.urls if _local_path(u) is not None and not os.path.exists(_local_path(u))]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.urls)} shard(s) not found, e.g. {missing[0]!r}"
                                     + (" (set data...params.urls)" if "???" in str(urls) else ""))

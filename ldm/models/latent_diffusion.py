@@ -47,8 +47,9 @@ def _check_set(params: Mapping[str, Any], where: str = "model.params") -> None:
 
 class LatentDiffusion(pl.LightningModule):
     # Buffers that describe the latents this run trains on, not learned weights: ``main.py --init-from`` keeps
-    # the values from this run's config (a fine-tune on another cache uses that cache's normalisation).
-    KEEP_ON_INIT_FROM = ("scale_factor", "shift", "latent_shape")
+    # the values this run's config set (a fine-tune on another cache uses that cache's normalisation); see
+    # ``_init_normalisation``, which lists only the buffers the config did set.
+    KEEP_ON_INIT_FROM: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -125,6 +126,8 @@ class LatentDiffusion(pl.LightningModule):
         shape = latent_shape if latent_shape is not None else stats.get("latent_shape")
         # (0, 0, 0) = unknown yet: filled in from the first batch, then saved with the checkpoint.
         self.register_buffer("latent_shape", torch.tensor(list(shape) if shape else [0, 0, 0], dtype=torch.long))
+        self.KEEP_ON_INIT_FROM = (("scale_factor",) * (scale is not None) + ("shift",) * (shift is not None)
+                                  + ("latent_shape",) * bool(shape))
 
     @staticmethod
     def _build_text_encoder(conditioning: str, config: Mapping | None) -> nn.Module | None:
