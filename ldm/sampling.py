@@ -71,11 +71,48 @@ def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch
     model_config = OmegaConf.merge(config, {"model": {"params": overrides}}).model
     module = instantiate_from_config(model_config, where="model")
     load_weights(module, state, strict=True, what=f"stage-2 model from {ckpt_path}")
-    if use_ema and module.ema is None:
+    if use_ema and module.ema is None and ckpt_path.suffix != ".safetensors":  # exports hold the EMA UNet
         log.warning("%s has no EMA weights; sampling with the live UNet", ckpt_path)
     module.use_ema_for_sampling = use_ema
     log.info("loaded %s (config %s)", ckpt_path, config_path.name)
     return module.eval().to(device), config
+
+
+def export_diffusion(source: str | Path, out: str | Path, use_ema: bool = True) -> tuple[Path, Path]:
+    """Write a stage-2 model for release: ``<out>.safetensors`` (the EMA UNet in the ``unet.*`` slot by default,
+    plus the normalisation and latent-shape buffers) and ``<out>.yaml`` (the run's config with
+    ``ema_decay: null`` and the first stage's path resolved). ``load_diffusion`` and ``scripts/sample.py`` read
+    it; on another machine pass ``--first-stage`` (e.g. the stage-1 export).
+    """
+    from safetensors.torch import save_file
+
+    config_path, ckpt_path = resolve_source(source)
+    state = load_state_dict(ckpt_path)
+    if "scale_factor" not in state:
+        raise RuntimeError(f"{ckpt_path} is not a stage-2 (LatentDiffusion) checkpoint")
+    ema = {"unet." + k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
+    if use_ema and not ema:
+        log.warning("%s has no EMA weights; exporting the live UNet", ckpt_path)
+    weights = "ema" if use_ema and ema else "live"
+    export = {k: v for k, v in state.items() if not k.startswith("ema.")}
+    if weights == "ema":
+        export.update(ema)
+    config = OmegaConf.load(config_path)
+    params = config.model.params
+    first_stage = OmegaConf.to_container(params.get("first_stage") or {})
+    if first_stage.get("path") == "from_manifest":
+        first_stage["path"] = _manifest_first_stage(params.get("latent_stats"))
+    # The buffers carry the normalisation and shape, so the sidecar needs no cache.
+    config = OmegaConf.merge(config, {"model": {"params": {"ema_decay": None, "latent_stats": None,
+                                                           "first_stage": first_stage or None}}})
+    out = Path(out).with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in export.items()}, str(out),
+              metadata={"source": str(ckpt_path), "weights": weights})
+    sidecar = out.with_suffix(".yaml")
+    OmegaConf.save(config, sidecar)
+    log.info("exported %s stage-2 weights of %s to %s (+ %s)", weights, ckpt_path, out, sidecar.name)
+    return out, sidecar
 
 
 def _manifest_first_stage(latent_stats: str | None) -> str:

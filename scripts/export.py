@@ -1,9 +1,12 @@
-"""Export a trained stage-1 autoencoder for release: ``.safetensors`` (EMA weights by default) + config sidecar.
+"""Export a trained model for release: ``.safetensors`` (EMA weights by default) + a config sidecar ``.yaml``.
 
-    python scripts/export.py logs/<run> --out release/litevae_b           # -> litevae_b.safetensors + .yaml
+    python scripts/export.py logs/<stage-1 run> --out release/litevae_b   # -> litevae_b.safetensors + .yaml
     python scripts/cache_latents.py --ae release/litevae_b.safetensors ...  # every --ae accepts the export
+    python scripts/export.py logs/<stage-2 run> --out release/ldm_ffhq    # the EMA UNet + normalisation
+    python scripts/sample.py release/ldm_ffhq.safetensors --first-stage release/litevae_b.safetensors ...
 
-Loading is strict and needs no pickle (``safetensors``); the sidecar holds the autoencoder's ``{target, params}``.
+The stage is read from the run's config. Loading is strict and needs no pickle (``safetensors``). Stage 1:
+the sidecar holds the autoencoder's ``{target, params}``. Stage 2: the run's config, without EMA and cache.
 """
 from __future__ import annotations
 
@@ -14,17 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.first_stage import export_first_stage  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from ldm.first_stage import export_first_stage, resolve_source  # noqa: E402
+from ldm.sampling import export_diffusion  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="stage-1 run folder or a .ckpt inside one")
+    p.add_argument("source", help="stage-1 or stage-2 run folder, or a .ckpt inside one")
     p.add_argument("--out", required=True, help="output path without suffix (writes .safetensors and .yaml)")
     p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA copy")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    weights, sidecar = export_first_stage(args.source, args.out, use_ema=not args.no_ema)
+    target = str(OmegaConf.load(resolve_source(args.source)[0]).model.get("target", ""))
+    export = export_diffusion if target.endswith("LatentDiffusion") else export_first_stage
+    weights, sidecar = export(args.source, args.out, use_ema=not args.no_ema)
     print(f"wrote {weights} and {sidecar}")
     return 0
 

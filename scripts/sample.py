@@ -30,7 +30,7 @@ from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, load_diffusion
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="stage-2 run folder or a .ckpt inside one")
+    p.add_argument("source", help="stage-2 run folder, a .ckpt inside one, or a scripts/export.py .safetensors")
     p.add_argument("--out", help="output folder (default: <run>/samples/<checkpoint>_<settings>)")
     p.add_argument("--seeds", default="0-63", help="e.g. 0-999 or 1,5,7 (inclusive ranges)")
     p.add_argument("--batch", type=int, default=32, help="samples per forward pass (per process)")

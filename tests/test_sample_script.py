@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import ROOT, subprocess_env
 from ldm import cli
@@ -95,3 +96,23 @@ def test_torchrun_two_processes_equal_one(run, tmp_path):
     ddp = dict(np.load(tmp_path / "ddp" / "samples.npz"))
     assert_same_images(ddp["arr_0"], single["arr_0"])
     np.testing.assert_array_equal(ddp["labels"], single["labels"])
+
+
+def test_stage2_export_samples_like_the_run(run, tmp_path):
+    """scripts/export.py on a stage-2 run: EMA UNet + normalisation as .safetensors + sidecar, sampled exactly
+    like the run's EMA weights, and without the EMA copy (smaller)."""
+    out = subprocess.run([sys.executable, "scripts/export.py", str(run), "--out", str(tmp_path / "rel" / "ldm")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=subprocess_env())
+    assert out.returncode == 0, out.stderr
+    export = tmp_path / "rel" / "ldm.safetensors"
+    keys = load_file(str(export)).keys()
+    assert not any(k.startswith("ema.") for k in keys) and {"scale_factor", "shift", "latent_shape"} <= set(keys)
+    assert export.stat().st_size < 0.6 * (run / "checkpoints" / "last.ckpt").stat().st_size
+    exported, _ = load_diffusion(export)
+    original, _ = load_diffusion(run, use_ema=True)
+    assert exported.ema is None
+    for key, value in original.ema.module.state_dict().items():
+        assert torch.equal(exported.unet.state_dict()[key], value), key
+    torch.testing.assert_close(exported.sample_latents([0, 1, 2], labels=[0, 1, 0], steps=3),
+                               original.sample_latents([0, 1, 2], labels=[0, 1, 0], steps=3))
+    assert sample(export, tmp_path / "s")["arr_0"].shape[0] == 8  # the script reads the export too
