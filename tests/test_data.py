@@ -8,8 +8,11 @@ import collections
 import gzip
 import io
 import json
+import multiprocessing as mp
 import re
 import struct
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +199,39 @@ def test_fashion_mnist_errors(tmp_path, fmnist_root):
         f.write(raw)
     with pytest.raises(ValueError, match="truncated"):
         FashionMNIST(root, split="test")
+
+
+class _FakeTorchvisionDownload:
+    """Stands in for torchvision's downloader: records the call, takes a while, writes torchvision's layout."""
+
+    def __init__(self, root: str, train: bool, download: bool):
+        with open(Path(root).parent / "downloads.txt", "a") as f:
+            f.write("1\n")
+        time.sleep(0.5)
+        raw = Path(root) / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True, exist_ok=True)
+        for prefix in ("train", "t10k"):
+            write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", np.zeros((2, 28, 28)))
+            write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.array([0, 1]))
+
+
+def _build_with_download(root: str) -> None:
+    import torchvision.datasets
+
+    torchvision.datasets.FashionMNIST = _FakeTorchvisionDownload
+    assert len(FashionMNIST(root, split="train", size=28, download=True)) == 2
+
+
+def test_fashion_mnist_download_once_for_concurrent_ranks(tmp_path):
+    """Three processes (as DDP ranks would) asking for download=True at once: one downloads, all load."""
+    root = tmp_path / "fmnist_dl"
+    procs = [mp.get_context("fork").Process(target=_build_with_download, args=(str(root),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert (tmp_path / "downloads.txt").read_text().count("1") == 1
 
 
 def test_fashion_mnist_real_files():

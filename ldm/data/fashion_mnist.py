@@ -66,8 +66,7 @@ class FashionMNIST(Dataset):
         self.root, self.split, self.size = Path(root).expanduser(), split, size
         files = _find_files(self.root, split)
         if files is None and download:
-            self._download()
-            files = _find_files(self.root, split)
+            files = self._download()
         if files is None:
             prefix = _PREFIX[split]
             raise FileNotFoundError(
@@ -86,11 +85,20 @@ class FashionMNIST(Dataset):
             steps.append(v2.RandomHorizontalFlip(p=0.5))
         self.transform = v2.Compose(steps)
 
-    def _download(self) -> None:
+    def _download(self) -> tuple[Path, Path] | None:
+        """Fetch the files once even when several processes (DDP ranks) ask at the same time: the first holds
+        a lock file in root while it downloads, the others then find its files."""
+        from filelock import FileLock  # a dependency of torch
         from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
 
-        log.info("downloading Fashion-MNIST into %s (download=True)", self.root)
-        TorchvisionFashionMNIST(str(self.root), train=self.split == "train", download=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / ".fashion-mnist-download.lock")):
+            files = _find_files(self.root, self.split)
+            if files is None:
+                log.info("downloading Fashion-MNIST into %s (download=True)", self.root)
+                TorchvisionFashionMNIST(str(self.root), train=self.split == "train", download=True)
+                files = _find_files(self.root, self.split)
+        return files
 
     def __len__(self) -> int:
         return len(self.images)
