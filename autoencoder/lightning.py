@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim
-from ldm.util import check_finite, fused_optimizer_kwargs, instantiate_from_config, maybe_compile
+from ldm.util import (batch_missing, check_finite, fused_optimizer_kwargs, instantiate_from_config, is_empty_batch,
+                      maybe_compile)
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class AutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
-        if batch is None:  # every sample of this batch was unreadable (already counted and warned)
+        if batch_missing(self, batch):
             return
         optimizers = self.optimizers()
         opt_ae, opt_d = (optimizers if isinstance(optimizers, list) else (optimizers, None))
@@ -159,7 +160,7 @@ class AutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
-        if batch is None:
+        if is_empty_batch(batch):
             return
         x = self.get_input(batch)
         models = {"": self.autoencoder, **({"_ema": self.ema.module} if self.ema is not None else {})}

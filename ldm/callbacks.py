@@ -14,6 +14,8 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from ldm.util import is_empty_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,7 @@ class ImageLogger(pl.Callback):
         self._last_train_step = -1
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, split: str) -> None:
-        if not hasattr(pl_module, "log_images"):
+        if not hasattr(pl_module, "log_images") or is_empty_batch(batch):  # every image of it was unreadable
             return
         was_training = pl_module.training
         pl_module.eval()

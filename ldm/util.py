@@ -21,6 +21,30 @@ class NonFiniteLossError(RuntimeError):
     """Raised by a LightningModule when a loss is NaN/inf; the run stops and no checkpoint is overwritten."""
 
 
+# The key of the batch that ``ldm.data.images.collate_train`` returns when every sample was unreadable.
+ALL_BAD = "all_bad"
+
+
+def is_empty_batch(batch: Any) -> bool:
+    """``None`` or the training collate's all-bad marker: no image to use (all already counted and warned)."""
+    return batch is None or (isinstance(batch, Mapping) and ALL_BAD in batch)
+
+
+def batch_missing(module: Any, batch: Any) -> bool:
+    """Whether a training step must be skipped for an empty batch (``is_empty_batch``): this rank's, or under
+    DDP any rank's, so that all ranks skip together. A rank that skipped alone would leave the others waiting
+    in the gradient all-reduce forever (this is also why the training collate never yields ``None``, which
+    Lightning would drop on that rank alone)."""
+    missing = is_empty_batch(batch)
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.world_size > 1:
+        missing = not trainer.strategy.reduce_boolean_decision(not missing, all=True)
+        if missing and not is_empty_batch(batch):
+            log.warning("step %d skipped on every rank: another rank's batch held no readable image",
+                        module.global_step)
+    return missing
+
+
 def check_finite(loss: torch.Tensor, step: int, logs: Mapping[str, torch.Tensor] | None = None) -> None:
     """Stop training with a readable message when ``loss`` is NaN/inf (one host sync per call)."""
     if not torch.isfinite(loss.detach()).all():

@@ -23,8 +23,8 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from ldm.data import (DataModule, FashionMNIST, ImageFolder, ImageTransform, WebDatasetImages,
-                      collate_skip_bad)
-from ldm.util import ConfigError
+                      collate_skip_bad, collate_train)
+from ldm.util import ConfigError, is_empty_batch
 
 GOOD = ["cat/a.jpg", "cat/b.png", "dog/c_cmyk.jpg", "dog/d_rgba.png", "dog/e_palette.png", "dog/puppies/f16.png"]
 BAD = ["cat/empty.jpg", "cat/trunc.jpg", "dog/text.jpg", "dog/tiny.png"]
@@ -126,6 +126,7 @@ def test_workers_count_bad_files_and_collate_drops_them(tree):
     assert sorted(keys) == sorted(GOOD)
     assert ds.skipped == len(BAD)  # counted in the worker processes, visible here through shared memory
     assert collate_skip_bad([None, None]) is None
+    assert collate_train([None, None]) == {"all_bad": 2}  # training loaders never yield None (DDP, see there)
 
 
 def test_captions_json_and_tsv(tree, tmp_path):
@@ -301,7 +302,7 @@ def test_datamodule_from_config(tree, fmnist_root):
     dm = instantiate_from_config(data_config(tree, fmnist_root[0]), where="data")
     train = dm.train_dataloader()
     assert isinstance(train.sampler, RandomSampler) and train.pin_memory is False
-    batches = [b for b in train if b is not None]
+    batches = [b for b in train if not is_empty_batch(b)]  # an all-bad training batch is {"all_bad": n}
     assert sum(len(b["key"]) for b in batches) == len(GOOD) and dm.skipped() == {"train": len(BAD)}
     assert all(b["image"].shape[1:] == (3, SIZE, SIZE) for b in batches)
     val = dm.val_dataloader()

@@ -9,8 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import LITEVAE_TINY, ROOT, SD_VAE_TINY, STAGE1_TEST_OVERRIDES, subprocess_env
 from ldm import cli
@@ -119,3 +122,30 @@ def test_two_process_ddp_cpu(tmp_path):
     ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     assert "world_size=2" in out.stderr or "GLOBAL_RANK: 1" in out.stderr or "distributed_backend=gloo" in out.stderr
+
+
+@pytest.mark.slow
+def test_ddp_all_bad_batch_on_one_rank_skips_the_step_everywhere(tmp_path):
+    """4 images, one unreadable, batch 1 on 2 ranks: at one step one rank has no batch. Both ranks must skip
+    that step together (a rank stepping alone would wait in the gradient all-reduce forever)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.RandomState(i).randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not a png")
+    config = OmegaConf.load(LITEVAE_TINY)
+    config.data.params.train = config.data.params.validation = {
+        "target": "ldm.data.ImageFolder", "params": {"root": str(folder), "size": 32}}
+    OmegaConf.save(config, tmp_path / "stage1.yaml")
+    overrides = [o for o in STAGE1_TEST_OVERRIDES if not o.startswith(("data.params.train", "data.params.val"))]
+    out = subprocess.run(
+        [sys.executable, "main.py", "--base", str(tmp_path / "stage1.yaml"), "-t", "-l", str(tmp_path / "logs"),
+         *overrides, "data.params.batch_size=1", "lightning.trainer.max_epochs=1", "lightning.trainer.max_steps=10",
+         "lightning.trainer.limit_val_batches=0", "lightning.trainer.accelerator=cpu", "lightning.trainer.devices=2",
+         "lightning.trainer.strategy=ddp_find_unused_parameters_true"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = load_ckpt(run_dir(tmp_path / "logs") / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 1  # 2 steps per rank in the epoch; the one with the bad image was skipped
+    assert "skipped on every rank" in out.stderr
+

@@ -2,10 +2,10 @@
 from ldm.data.datamodule import DataModule
 from ldm.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 from ldm.data.latents import LatentShards
-from ldm.data.images import IMAGE_EXTENSIONS, ImageFolder, SkipCounter, collate_skip_bad
+from ldm.data.images import IMAGE_EXTENSIONS, ImageFolder, SkipCounter, collate_skip_bad, collate_train
 from ldm.data.transforms import BadImageError, ImageTransform, open_image, to_rgb_tensor
 from ldm.data.webdataset_images import WebDatasetImages
 
 __all__ = ["BadImageError", "DataModule", "FASHION_MNIST_CLASSES", "FashionMNIST", "IMAGE_EXTENSIONS",
-           "ImageFolder", "ImageTransform", "LatentShards", "SkipCounter", "WebDatasetImages", "collate_skip_bad", "open_image",
-           "to_rgb_tensor"]
+           "ImageFolder", "ImageTransform", "LatentShards", "SkipCounter", "WebDatasetImages", "collate_skip_bad",
+           "collate_train", "open_image", "to_rgb_tensor"]

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ldm.data.images import collate_skip_bad
+from ldm.data.images import collate_skip_bad, collate_train
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ class DataModule(pl.LightningDataModule):
     Map-style training sets are shuffled (Lightning swaps in a DistributedSampler under DDP); iterable
     ones (WebDataset) split themselves by rank and worker and get no sampler. Validation and test are
     never shuffled. Bad samples are dropped by ``collate_skip_bad``; a batch in which every sample was
-    bad arrives as ``None``.
+    bad arrives as ``None``, in training as ``{"all_bad": n}`` (``collate_train``: see there why).
     """
 
     def __init__(self, batch_size: int, num_workers: int = 0, train: Mapping | Dataset | None = None,
@@ -74,14 +74,14 @@ class DataModule(pl.LightningDataModule):
             return trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate=collate_skip_bad) -> DataLoader:
         iterable = isinstance(dataset, IterableDataset)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and not iterable,
-                          num_workers=self.num_workers, collate_fn=collate_skip_bad, pin_memory=self.pin_memory,
+                          num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     def _train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], self.batch_size, self.shuffle)
+        return self._loader(self.datasets["train"], self.batch_size, self.shuffle, collate=collate_train)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         return self._loader(self.datasets[split], self.val_batch_size, shuffle=False)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from ldm.data.transforms import (DECODE_ERRORS, BadImageError, ImageTransform, check_truncated_flag, open_image,
                                  to_rgb_tensor)
+from ldm.util import ALL_BAD
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,16 @@ def collate_skip_bad(batch: Sequence[dict | None]) -> dict | None:
     """``default_collate`` after dropping ``None`` (bad) samples; ``None`` if the whole batch was bad."""
     good = [s for s in batch if s is not None]
     return default_collate(good) if good else None
+
+
+def collate_train(batch: Sequence[dict | None]) -> dict:
+    """``collate_skip_bad`` for training loaders: an all-bad batch becomes ``{ALL_BAD: n}``, not ``None``.
+
+    Lightning drops a ``None`` batch before ``training_step`` on that rank alone, which desynchronises DDP;
+    given the marker, the modules skip the step on every rank together (``ldm.util.batch_missing``).
+    """
+    out = collate_skip_bad(batch)
+    return out if out is not None else {ALL_BAD: len(batch)}
 
 
 class SkipCounter:

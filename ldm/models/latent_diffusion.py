@@ -28,7 +28,8 @@ from ldm.data.latents import read_latent_stats
 from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
-from ldm.util import check_finite, fused_optimizer_kwargs, instantiate_from_config, maybe_compile
+from ldm.util import (batch_missing, check_finite, fused_optimizer_kwargs, instantiate_from_config, is_empty_batch,
+                      maybe_compile)
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ class LatentDiffusion(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every sample of the batch was unreadable (already counted and warned)
+        if batch_missing(self, batch):
             return None
         gen = self._generator(batch_idx)
         z, cond = self.get_input(batch, train=True, generator=gen)
@@ -252,7 +253,7 @@ class LatentDiffusion(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
-        if batch is None:
+        if is_empty_batch(batch):
             return
         z, cond = self.get_input(batch)
         metrics = {}
@@ -308,7 +309,7 @@ class LatentDiffusion(pl.LightningModule):
         """Fixed-seed samples (seeds 0..N-1, classes cycling 0..C-1, EMA UNet) and the batch's own latents."""
         images: dict[str, torch.Tensor] = {}
         texts = None
-        if batch is not None:
+        if not is_empty_batch(batch):
             z, _ = self.get_input(batch)
             images["inputs"] = self._show_latents(z[:max_images])
             if self.conditioning.mode == "text":
