@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's sample_steps)")
     p.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1: off; default: the config's)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp2m"), default="ddim",
+                   help="dpmpp2m: DPM-Solver++(2M), deterministic, accurate in fewer steps than DDIM")
     p.add_argument("--class", dest="class_label", type=int, help="class for all samples (default: seed %% classes)")
     p.add_argument("--prompt", help="text prompt (text-conditional models)")
     p.add_argument("--first-stage", help="first-stage run folder / ckpt, overriding the run's config")

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from ldm.diffusion import (KINDS, SCHEDULES, cfg_model, diffusion_loss, make_schedule, min_snr_weight,
-                           predict_x0_and_eps, q_sample, sample_ddim, sample_ddpm, spaced_timesteps, target)
+                           predict_x0_and_eps, q_sample, sample_ddim, sample_ddpm, sample_dpmpp_2m, spaced_timesteps,
+                           target)
 
 MU = torch.tensor([0.5, 0.0, -0.4, 0.2], dtype=torch.float64)
 SIGMA = torch.tensor([0.6, 1.0, 0.8, 1.2], dtype=torch.float64)
@@ -100,6 +101,26 @@ def test_samplers_reproduce_gaussian_data(schedule_name):
                 assert torch.all((std - SIGMA).abs() <= std_tol + se_std), where
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dpmpp_2m_solves_the_ode_more_accurately_than_ddim(kind):
+    """Both are deterministic solvers of the same probability-flow ODE from the same initial noise; DDIM with
+    1000 steps is the reference. The second-order DPM-Solver++(2M) lands closer to it than first-order DDIM,
+    increasingly so with more steps (measured ratios 0.47 / 0.34 / 0.25), and its moments match the data."""
+    schedule = make_schedule("scaled_linear")
+    model = analytic_model(schedule, kind)
+    reference = sample_ddim(model, SAMPLE_SHAPE, SEEDS, schedule, kind, steps=1000)
+    for steps, ratio in ((10, 0.6), (20, 0.45), (50, 0.35)):
+        ddim = sample_ddim(model, SAMPLE_SHAPE, SEEDS, schedule, kind, steps=steps)
+        dpm = sample_dpmpp_2m(model, SAMPLE_SHAPE, SEEDS, schedule, kind, steps=steps)
+        assert (dpm - reference).norm() < ratio * (ddim - reference).norm(), steps
+    mean, std = channel_moments(dpm)
+    assert torch.all((mean - MU).abs() <= 0.05 + 4 * SIGMA / math.sqrt(N))
+    assert torch.all((std - SIGMA).abs() <= 0.05 + 4 * SIGMA / math.sqrt(2 * N))
+    # One step: first order, i.e. DDIM's step (from t = T-1 straight to the x0 prediction).
+    torch.testing.assert_close(sample_dpmpp_2m(model, SAMPLE_SHAPE, SEEDS, schedule, kind, steps=1),
+                               sample_ddim(model, SAMPLE_SHAPE, SEEDS, schedule, kind, steps=1))
+
+
 def test_ddim_eta1_equals_ddpm_step():
     schedule = make_schedule("scaled_linear")
     model = analytic_model(schedule, "eps")
@@ -108,12 +129,13 @@ def test_ddim_eta1_equals_ddpm_step():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
 def test_samples_depend_only_on_their_seed(sampler):
     schedule = make_schedule("cosine")
     model = analytic_model(schedule, "v")
-    run = (lambda seeds: sample_ddpm(model, (4, 8, 8), seeds, schedule, "v", steps=25)) if sampler == "ddpm" \
-        else (lambda seeds: sample_ddim(model, (4, 8, 8), seeds, schedule, "v", steps=25, eta=1.0))
+    run = {"ddpm": lambda seeds: sample_ddpm(model, (4, 8, 8), seeds, schedule, "v", steps=25),
+           "ddim": lambda seeds: sample_ddim(model, (4, 8, 8), seeds, schedule, "v", steps=25, eta=1.0),
+           "dpmpp2m": lambda seeds: sample_dpmpp_2m(model, (4, 8, 8), seeds, schedule, "v", steps=25)}[sampler]
     together = run(list(range(8)))
     one_by_one = torch.cat([run([s]) for s in range(8)])
     assert torch.equal(together, one_by_one)

@@ -116,3 +116,9 @@ def test_stage2_export_samples_like_the_run(run, tmp_path):
     torch.testing.assert_close(exported.sample_latents([0, 1, 2], labels=[0, 1, 0], steps=3),
                                original.sample_latents([0, 1, 2], labels=[0, 1, 0], steps=3))
     assert sample(export, tmp_path / "s")["arr_0"].shape[0] == 8  # the script reads the export too
+
+
+def test_dpm_solver_sampler_through_the_script(run, tmp_path):
+    out = sample(run, tmp_path / "dpm", "--sampler", "dpmpp2m", "--class", "0")
+    assert out["arr_0"].shape == (8, SIZE, SIZE, 3) and out["labels"].tolist() == [0] * 8
+    assert len({out["arr_0"][i].tobytes() for i in range(8)}) == 8  # one distinct image per seed

@@ -1,4 +1,4 @@
-"""Ancestral DDPM and DDIM samplers over any callable ``model(x_t, t, **cond) -> eps or v``.
+"""DDPM, DDIM and DPM-Solver++(2M) samplers over any callable ``model(x_t, t, **cond) -> eps or v``.
 
 Reproducibility: every sample owns a ``torch.Generator`` seeded with its seed; its initial noise and
 every per-step noise are drawn from that generator alone (on the CPU, in float32) and then stacked and
@@ -111,3 +111,32 @@ def sample_ddim(model: Callable[..., torch.Tensor], shape: Sequence[int], seeds:
         if sigma > 0:
             x = x + sigma * noise()
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Callable[..., torch.Tensor], shape: Sequence[int], seeds: Sequence[int],
+                    schedule: NoiseSchedule, kind: str = "eps", steps: int = 20, cond: Cond | None = None,
+                    uncond: Cond | None = None, guidance_scale: float = 1.0, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32, progress: bool = False,
+                    spacing: str = "trailing") -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): the probability-flow ODE solved in log-SNR with the x0 prediction,
+    second order from the previous step's x0; deterministic. The first step is first order (= DDIM with
+    eta 0), and the last lands on the x0 prediction, as DDIM's does. Fewer steps than DDIM for the same
+    accuracy; arguments as in ``sample_ddpm``.
+    """
+    ts, ab, ab_prev, noise = _setup(shape, seeds, schedule, steps, spacing, device, dtype)
+    denoise = _denoiser(model, cond, uncond, guidance_scale)
+    x = noise()
+    x0_prev, h_prev = None, None
+    for i in _progress(range(steps), progress, "DPM-Solver++(2M)"):
+        t = torch.full((x.shape[0],), int(ts[i]), device=x.device, dtype=torch.long)
+        x0, _ = predict_x0_and_eps(denoise(x, t), x, t, schedule, kind)
+        a, ap = ab[i], ab_prev[i]
+        if ap >= 1.0:  # alpha_bar = 1 (log-SNR = inf): clean data, i.e. the x0 prediction
+            return x0
+        h = 0.5 * (math.log(ap / (1 - ap)) - math.log(a / (1 - a)))  # step in log-SNR/2 (lambda)
+        d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / (2 * h_prev))
+        x = math.sqrt((1 - ap) / (1 - a)) * x - math.sqrt(ap) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ldm.data.latents import read_latent_stats
-from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm
+from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
 from ldm.util import (batch_missing, check_finite, fused_optimizer_kwargs, instantiate_from_config, is_empty_batch,
@@ -287,7 +287,9 @@ class LatentDiffusion(pl.LightningModule):
                                eta=self.sample_eta if eta is None else eta, **kw)
         if sampler == "ddpm":
             return sample_ddpm(model, steps=steps or self.sample_steps, **kw)
-        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        if sampler == "dpmpp2m":
+            return sample_dpmpp_2m(model, steps=steps or self.sample_steps, **kw)
+        raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'dpmpp2m', got {sampler!r}")
 
     @torch.no_grad()
     def decode(self, z_norm: torch.Tensor) -> torch.Tensor:
