@@ -90,8 +90,9 @@ def batch_for(args, quick: int, full: int, cuda: int = 32) -> int:
     return cuda if torch.device(args.device).type == "cuda" else (quick if args.quick else full)
 
 
-def timed(fns: dict[str, Callable[[], object]], args, quick: int, full: int) -> dict[str, float]:
-    return time_round_robin(fns, repeats=args.repeats or (quick if args.quick else full), device=args.device)
+def timed(fns: dict[str, Callable[[], object]], args, quick: int, full: int, warmup: int = 1) -> dict[str, float]:
+    return time_round_robin(fns, repeats=args.repeats or (quick if args.quick else full), warmup=warmup,
+                            device=args.device)
 
 
 # ----------------------------------------------------------------------------------------------- suites
@@ -108,9 +109,7 @@ def suite_encoder(args, ratios: dict) -> list[dict]:
     def forward(enc):
         with torch.inference_mode(), autocast(args):
             return enc(x)
-    secs = time_round_robin({n: (lambda e=e: forward(e)) for n, e in encoders.items()},
-                            repeats=args.repeats or (3 if args.quick else 5), warmup=int(args.compile),
-                            device=args.device)
+    secs = timed({n: (lambda e=e: forward(e)) for n, e in encoders.items()}, args, 3, 5, warmup=int(args.compile))
     # Equal per-FLOP efficiency would make the throughput ratio equal to this compute ratio.
     ratios["encoder_flop_ratio_sd_vs_B"] = round(flops["SD-VAE"] / flops["LiteVAE-B"], 3)
     rows = []
