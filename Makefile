@@ -17,10 +17,12 @@ help:
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# The project itself, editable: scripts and tests import ldm/autoencoder without touching sys.path.
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 # Debian ships Fashion-MNIST as a package; install it when we can (root on Debian) and it is missing.

@@ -14,7 +14,6 @@ from typing import Any, Mapping
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim

@@ -14,11 +14,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from ldm.first_stage import resolve_source
-from ldm.util import instantiate_from_config, load_state_dict, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -42,88 +39,6 @@ def parse_seeds(spec: str) -> list[int]:
     if not seeds:
         raise ValueError(f"no seeds in {spec!r}")
     return seeds
-
-
-def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
-                   first_stage: str | None = None) -> tuple[torch.nn.Module, DictConfig]:
-    """A stage-2 model from a run folder (newest ``configs/*-project.yaml`` + ``checkpoints/last.ckpt``) or a
-    ``.ckpt`` inside one, in eval mode on ``device``. ``first_stage`` overrides the decoder's source.
-
-    The normalisation (scale/shift) and latent shape come from the checkpoint's buffers. With
-    ``first_stage.path: from_manifest`` the decoder's checkpoint is found through the cache's
-    ``manifest.json``; on a machine without the cache pass ``first_stage`` (``--first-stage``) instead.
-    """
-    config_path, ckpt_path = resolve_source(source)
-    config = OmegaConf.load(config_path)
-    state = load_state_dict(ckpt_path)
-    params = config.model.params
-    missing = [k for k in ("scale_factor", "shift", "latent_shape") if k not in state]
-    if missing:
-        raise RuntimeError(f"{ckpt_path} has no {missing}: is it a stage-2 (LatentDiffusion) checkpoint?")
-    overrides = {"input": "cached", "latent_stats": None, "scale_factor": float(state["scale_factor"]),
-                 "shift": state["shift"].tolist(), "latent_shape": state["latent_shape"].tolist()}
-    if first_stage is not None:
-        overrides["first_stage"] = {**OmegaConf.to_container(params.get("first_stage") or {}), "path": first_stage}
-    elif (params.get("first_stage") or {}).get("path") == "from_manifest":
-        overrides["first_stage"] = {**OmegaConf.to_container(params.first_stage),
-                                    "path": _manifest_first_stage(params.get("latent_stats"))}
-    # Merged at the root so that interpolations like ${latents} elsewhere in model.params still resolve.
-    model_config = OmegaConf.merge(config, {"model": {"params": overrides}}).model
-    module = instantiate_from_config(model_config, where="model")
-    load_weights(module, state, strict=True, what=f"stage-2 model from {ckpt_path}")
-    if use_ema and module.ema is None and ckpt_path.suffix != ".safetensors":  # exports hold the EMA UNet
-        log.warning("%s has no EMA weights; sampling with the live UNet", ckpt_path)
-    module.use_ema_for_sampling = use_ema
-    log.info("loaded %s (config %s)", ckpt_path, config_path.name)
-    return module.eval().to(device), config
-
-
-def export_diffusion(source: str | Path, out: str | Path, use_ema: bool = True) -> tuple[Path, Path]:
-    """Write a stage-2 model for release: ``<out>.safetensors`` (the EMA UNet in the ``unet.*`` slot by default,
-    plus the normalisation and latent-shape buffers) and ``<out>.yaml`` (the run's config with
-    ``ema_decay: null`` and the first stage's path resolved). ``load_diffusion`` and ``scripts/sample.py`` read
-    it; on another machine pass ``--first-stage`` (e.g. the stage-1 export).
-    """
-    from safetensors.torch import save_file
-
-    config_path, ckpt_path = resolve_source(source)
-    state = load_state_dict(ckpt_path)
-    if "scale_factor" not in state:
-        raise RuntimeError(f"{ckpt_path} is not a stage-2 (LatentDiffusion) checkpoint")
-    ema = {"unet." + k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
-    if use_ema and not ema:
-        log.warning("%s has no EMA weights; exporting the live UNet", ckpt_path)
-    weights = "ema" if use_ema and ema else "live"
-    export = {k: v for k, v in state.items() if not k.startswith("ema.")}
-    if weights == "ema":
-        export.update(ema)
-    config = OmegaConf.load(config_path)
-    params = config.model.params
-    first_stage = OmegaConf.to_container(params.get("first_stage") or {})
-    if first_stage.get("path") == "from_manifest":
-        first_stage["path"] = _manifest_first_stage(params.get("latent_stats"))
-    # The buffers carry the normalisation and shape, so the sidecar needs no cache.
-    config = OmegaConf.merge(config, {"model": {"params": {"ema_decay": None, "latent_stats": None,
-                                                           "first_stage": first_stage or None}}})
-    out = Path(out).with_suffix(".safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in export.items()}, str(out),
-              metadata={"source": str(ckpt_path), "weights": weights})
-    sidecar = out.with_suffix(".yaml")
-    OmegaConf.save(config, sidecar)
-    log.info("exported %s stage-2 weights of %s to %s (+ %s)", weights, ckpt_path, out, sidecar.name)
-    return out, sidecar
-
-
-def _manifest_first_stage(latent_stats: str | None) -> str:
-    from ldm.data.latents import read_latent_stats
-
-    if not latent_stats:
-        raise ValueError("first_stage.path=from_manifest but the config has no latent_stats; pass --first-stage")
-    path = read_latent_stats(latent_stats)["autoencoder"].get("ckpt_path")
-    if not path:
-        raise ValueError(f"{latent_stats}: the manifest records no autoencoder ckpt_path; pass --first-stage")
-    return path
 
 
 def labels_for_seeds(seeds: Sequence[int], num_classes: int | None, class_label: int | None = None

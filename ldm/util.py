@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -71,6 +72,20 @@ def maybe_compile(module: torch.nn.Module, enabled: bool) -> None:
     """
     if enabled:
         module.compile()
+
+
+def step_generator(seed: int, step: int, micro_batch: int = 0, rank: int = 0, stream: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Generator:
+    """The one seed formula of the project: a generator seeded from (seed, step, micro-batch, rank, stream).
+
+    Training randomness drawn from it is a pure function of the step, so a resumed run draws exactly what an
+    uninterrupted one would (Lightning checkpoints do not hold the global RNG states). ``stream`` separates
+    independent uses within one step (crop offsets, noise, ...). ``np.random.SeedSequence`` mixes the entropy
+    so that neighbouring tuples give unrelated streams.
+    """
+    entropy = [int(seed) % 2**63, int(step), int(micro_batch), int(rank), int(stream)]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
 
 
 def get_obj_from_str(path: str) -> Any:

@@ -6,10 +6,9 @@ step 0). Stage 2: configs/ldm/fmnist_litevae_tiny.yaml on synthetic 4x8x8 latent
 the same as on the cache). ``--nofused`` restores the for-loop Adam (the "before" of docs/benchmarks.md),
 ``--nolog`` turns ``log_dict`` into a no-op, ``--profile 1`` prints torch.profiler tables.
 """
-import argparse, sys, time, os, tempfile
+import argparse, time, os, tempfile
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 import torch, pytorch_lightning as pl
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset

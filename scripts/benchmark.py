@@ -28,15 +28,13 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from autoencoder.litevae_encoder import LiteVAEEncoder  # noqa: E402
-from autoencoder.sd_vae import Decoder as SDDecoder  # noqa: E402
-from autoencoder.sd_vae import Encoder as SDEncoder  # noqa: E402
-from autoencoder.wavelets import haar_dwt_pyramid  # noqa: E402
-from ldm.benchmarking import (count_saved_bytes, format_table, machine_info, peak_memory_growth,  # noqa: E402
+from autoencoder.litevae_encoder import LiteVAEEncoder
+from autoencoder.sd_vae import Encoder as SDEncoder
+from autoencoder.wavelets import haar_dwt_pyramid
+from ldm.tools.benchmarking import (count_saved_bytes, format_table, machine_info, peak_memory_growth,
                               peak_rss_growth, time_round_robin)
-from ldm.util import count_params  # noqa: E402
+from ldm.util import count_params
 
 # Ratio key -> (target, "min" | "max"): what the issue asks of a CPU run.
 TARGETS = {

@@ -12,18 +12,14 @@ import argparse
 import datetime
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from ldm.data.latent_cache import (CacheOptions, cache_latents, dataset_config,  # noqa: E402
-                                   deterministic, merge_manifest)
-from ldm.first_stage import load_first_stage, resolve_source  # noqa: E402
-from ldm.util import instantiate_from_config, pick_device  # noqa: E402
+from ldm.data.configs import dataset_config, deterministic
+from ldm.data.latent_cache import CacheOptions, cache_latents, merge_manifest
+from ldm.checkpoints import load_first_stage, resolve_source
+from ldm.util import instantiate_from_config, pick_device
 
 log = logging.getLogger("cache_latents")
 

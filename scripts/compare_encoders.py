@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from ldm.compare import TINY_FMNIST_ARMS, Arm, CompareOptions, run_comparison  # noqa: E402
+from ldm.tools.compare import TINY_FMNIST_ARMS, Arm, CompareOptions, run_comparison
 
 
 def parse_args(argv: list[str] | None = None) -> CompareOptions:

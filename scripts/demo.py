@@ -19,10 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.compare import class_grid  # noqa: E402
-from ldm.pipeline import PY, ROOT, Pipeline, curve, manifest_summary, metric_keys  # noqa: E402
+from ldm.tools.compare import class_grid
+from ldm.tools.pipeline import PY, ROOT, Pipeline, curve, manifest_summary, metric_keys
 
 AE_CONFIG = "configs/autoencoder/litevae_tiny.yaml"
 LDM_CONFIG = "configs/ldm/fmnist_litevae_tiny.yaml"

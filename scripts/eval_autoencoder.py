@@ -16,16 +16,15 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import torch
+from omegaconf import OmegaConf
 
-from ldm.data.latent_cache import dataset_config, deterministic  # noqa: E402
-from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table  # noqa: E402
-from ldm.first_stage import load_first_stage, resolve_source  # noqa: E402
-from ldm.metrics.lpips import build_lpips  # noqa: E402
-from ldm.util import pick_device  # noqa: E402
+from ldm.data.configs import dataset_config, deterministic
+from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table
+from ldm.checkpoints import load_first_stage, resolve_source
+from ldm.metrics.lpips import build_lpips
+from ldm.util import pick_device
 
 log = logging.getLogger("eval_autoencoder")
 COLUMNS = ["weights", "resolution", "n", "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "rfid"]

@@ -19,13 +19,12 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import torch
+from omegaconf import OmegaConf
 
-from ldm.data.latent_cache import dataset_config, deterministic  # noqa: E402
-from ldm.evaluation import (ImageSource, build_detector, evaluate_samples, markdown_table,  # noqa: E402
+from ldm.data.configs import dataset_config, deterministic
+from ldm.evaluation import (ImageSource, build_detector, evaluate_samples, markdown_table,
                             reference_classifier, reference_stats, source_accuracy)
 
 log = logging.getLogger("eval_fid")

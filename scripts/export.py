@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import OmegaConf
 
-from ldm.first_stage import export_first_stage, resolve_source  # noqa: E402
-from ldm.sampling import export_diffusion  # noqa: E402
+from ldm.checkpoints import export_diffusion, export_first_stage, resolve_source
 
 
 def main(argv=None) -> int:

@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ldm.evaluation import latent_diagnostics, markdown_table  # noqa: E402
-from ldm.metrics.mmd import DEFAULT_BANDWIDTHS  # noqa: E402
+from ldm.evaluation import latent_diagnostics, markdown_table
+from ldm.metrics.mmd import DEFAULT_BANDWIDTHS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,13 +18,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from ldm.util import pick_device  # noqa: E402
+from ldm.util import pick_device
 
-from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, load_diffusion, parse_seeds,  # noqa: E402
+from ldm.checkpoints import load_diffusion
+from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, parse_seeds,
                           read_pngs, write_outputs, write_pngs)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.benchmarking import count_saved_bytes
+from ldm.tools.benchmarking import count_saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_KEYS = {

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from ldm.data.images import ImageFolder
 from ldm.data.latent_cache import FAIL_AFTER_ENV, CacheOptions, SimulatedCrash, cache_latents, tar_key
 from ldm.data.latents import LatentShards
-from ldm.first_stage import load_first_stage
+from ldm.checkpoints import load_first_stage
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from autoencoder.wavelets import haar_dwt_pyramid
 from conftest import LITEVAE_TINY, STAGE1_TEST_OVERRIDES
 from ldm import cli
 from ldm.data.latent_cache import CacheOptions, cache_rank
-from ldm.first_stage import load_first_stage
+from ldm.checkpoints import load_first_stage
 from test_latent_diffusion import build, image_dataset, perturb, stage2_config
 from test_latent_diffusion import setup  # noqa: F401  (module fixture: images, random stage 1, latent cache)
 

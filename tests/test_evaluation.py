@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,12 @@ import yaml
 from PIL import Image
 
 import ldm.evaluation as ev
+import ldm.evaluation.detectors as ev_detectors
+import ldm.evaluation.samples as ev_samples
+import ldm.evaluation.sources as ev_sources
 from conftest import ROOT, subprocess_env
 from ldm.data.fashion_mnist import FashionMNIST
-from ldm.first_stage import load_first_stage
+from ldm.checkpoints import load_first_stage
 from ldm.metrics.classifier import SmallClassifier, classification_accuracy
 from ldm.metrics.features import INCEPTION_FILENAME, build_feature_extractor
 from ldm.metrics.fid import fid_from_features
@@ -136,8 +138,8 @@ def fid_images(tmp_path_factory) -> dict[str, Path]:
 def test_eval_fid_folder_vs_npz_and_stats_cache(fid_images, tmp_path, monkeypatch):
     script = load_script("eval_fid")
     calls = []
-    original = ev.compute_features
-    monkeypatch.setattr(ev, "compute_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = ev_samples.compute_features
+    monkeypatch.setattr(ev_samples, "compute_features", lambda *a, **k: calls.append(1) or original(*a, **k))
     cache_file = tmp_path / "ref_stats.npz"
     args = ["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"]), "--detector", "random",
             "--ref-stats-cache", str(cache_file), "--device", "cpu", "--batch-size", "32"]
@@ -229,7 +231,7 @@ def test_eval_fid_class_accuracy(fid_images, tmp_path, monkeypatch):
     assert saved["num_classes"] == 10
     assert report["class_accuracy"] == pytest.approx(classification_accuracy(clf, x, labels))
     assert report["class_accuracy"] > 0.4  # well above chance (0.1) after 8 steps
-    monkeypatch.setattr(ev, "train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
+    monkeypatch.setattr(ev_samples, "train_classifier", lambda *a, **k: pytest.fail("classifier retrained"))
     worse = script.main(["--samples", str(wrong), *args])
     assert worse["class_accuracy"] == pytest.approx(classification_accuracy(clf, x, (labels + 1) % 10))
     assert worse["class_accuracy"] < report["class_accuracy"]
@@ -243,7 +245,7 @@ def test_image_sources_agree(fid_images, tmp_path):
         source = ev.ImageSource(str(spec), batch_size=32, max_samples=70)
         got = torch.cat([x for x, _ in source.batches()])
         assert torch.equal(got, fid_images["same_t"][:70]), spec
-    assert ev.source_kind(fid_images["folder"]) == "folder" and ev.source_kind(fid_images["npz"]) == "npz"
+    assert ev_sources.source_kind(fid_images["folder"]) == "folder" and ev_sources.source_kind(fid_images["npz"]) == "npz"
     data = ev.ImageSource(str(fmnist_yaml(tmp_path / "d.yaml", limit=5)), batch_size=2)
     batches = list(data.batches())
     expected, labels = fmnist_uint8("test", 5)
@@ -255,7 +257,7 @@ def test_image_sources_agree(fid_images, tmp_path):
 def test_detector_file_kinds(tmp_path):
     torch.jit.save(torch.jit.script(_TinyDetector()), str(tmp_path / "scripted.pt"))
     torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pth")
-    assert ev.is_torchscript(tmp_path / "scripted.pt") and not ev.is_torchscript(tmp_path / "weights.pth")
+    assert ev_detectors.is_torchscript(tmp_path / "scripted.pt") and not ev_detectors.is_torchscript(tmp_path / "weights.pth")
     with pytest.raises(FileNotFoundError, match="no such file"):
         ev.build_detector(str(tmp_path / "missing.pt"))
 

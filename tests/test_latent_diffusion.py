@@ -25,7 +25,7 @@ from ldm import cli
 from ldm.data.images import ImageFolder
 from ldm.data.latent_cache import CacheOptions, cache_latents
 from ldm.data.latents import LatentShards
-from ldm.first_stage import load_first_stage
+from ldm.checkpoints import load_first_stage
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.util import instantiate_from_config
 from test_cache_latents import AE_CONFIG  # the tiny random LiteVAE used by the cache tests

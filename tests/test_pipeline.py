@@ -1,4 +1,4 @@
-"""Resumable pipeline stages (ldm.pipeline) and the encoder-comparison report (ldm.compare), with fake commands.
+"""Resumable pipeline stages (ldm.tools.pipeline) and the encoder-comparison report (ldm.tools.compare), with fake commands.
 
 A real end-to-end ``compare_encoders.py`` needs ~14 fresh Python processes (each importing torch and Lightning)
 and does not fit a test's budget on two cores; here every command is replaced by a fake that writes the
@@ -15,9 +15,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm import compare
-from ldm.compare import Arm, CompareOptions, budget_overrides, class_grid, markdown_table, side_by_side
-from ldm.pipeline import PY, Pipeline, curve, display, manifest_summary, read_metrics, resumable_run, timestamp
+from ldm.tools import compare
+from ldm.tools.compare import Arm, CompareOptions, budget_overrides, class_grid, markdown_table, side_by_side
+from ldm.tools.pipeline import PY, Pipeline, curve, display, manifest_summary, read_metrics, resumable_run, timestamp
 
 
 class Interrupt(Exception):

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, subprocess_env
 from ldm import cli
-from ldm.sampling import load_diffusion, make_grid, parse_seeds
+from ldm.checkpoints import load_diffusion
+from ldm.sampling import make_grid, parse_seeds
 from test_latent_diffusion import SIZE, make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
 
 SCRIPT = ROOT / "scripts" / "sample.py"

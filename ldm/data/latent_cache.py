@@ -37,7 +37,6 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 import webdataset as wds
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -144,31 +143,6 @@ class LatentStats:
 
 
 # --------------------------------------------------------------------------------------- data sources
-def dataset_config(config: Mapping | DictConfig, split: str) -> dict:
-    """The dataset ``{target, params}`` for ``split`` from a project config, a DataModule node, or itself."""
-    cfg = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
-    if "data" in cfg:
-        cfg = cfg["data"]
-    params = cfg.get("params") or {}
-    if split in params and isinstance(params[split], Mapping) and "target" in params[split]:
-        cfg = params[split]
-    if "target" not in cfg:
-        raise ValueError(f"data config has no dataset for split {split!r} (expected data.params.{split} or a "
-                         "{target, params} dataset node)")
-    return {"target": cfg["target"], "params": dict(cfg.get("params") or {})}
-
-
-def deterministic(config: Mapping) -> dict:
-    """Turn off random augmentation and shuffling: a cache must be a function of the source only."""
-    params = dict(config.get("params") or {})
-    for key, value in (("flip", False), ("crop", "center"), ("shuffle", 0), ("resampled", False),
-                       ("epoch_length", None)):
-        if key in params and params[key] != value:
-            log.info("data: %s=%r -> %r for caching (deterministic preprocessing)", key, params[key], value)
-            params[key] = value
-    return {"target": config["target"], "params": params}
-
-
 class IndexedSource(Dataset):
     """``{"index", "sample" | None, "reason"}`` for a map-style dataset, so bad inputs are reported, not lost."""
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 # Errors that mean "this file is not a usable image" (as opposed to a bug in our code).
 # UnidentifiedImageError is an OSError; truncated files raise OSError or SyntaxError.

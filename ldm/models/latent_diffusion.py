@@ -143,7 +143,7 @@ class LatentDiffusion(pl.LightningModule):
     def _load_first_stage(config: Mapping | None, stats: Mapping) -> nn.Module | None:
         if not config or not config.get("path"):
             return None
-        from ldm.first_stage import load_first_stage
+        from ldm.checkpoints import load_first_stage
 
         path = config["path"]
         if path == FROM_MANIFEST:

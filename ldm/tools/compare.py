@@ -2,7 +2,7 @@
 
 For each encoder ("arm"): train the autoencoder (same decoder, loss and steps), cache its latents, train
 the same LDM on them, sample the same seeds, and evaluate (PSNR/SSIM/rFID; FID/KID and the class accuracy
-of the samples). Every stage is a public command run through ``ldm.pipeline.Pipeline``, so a re-run resumes
+of the samples). Every stage is a public command run through ``ldm.tools.pipeline.Pipeline``, so a re-run resumes
 where it stopped. The report (``report.md``, ``plots/``, ``grids/``) is rebuilt from the recorded results.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm.pipeline import PY, Pipeline, curve
+from ldm.tools.pipeline import PY, Pipeline, curve
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ def measure_encoders(ae_runs: Mapping[str, str], batch_size: int = 32, repeats: 
     """Encoder parameters and CPU inference throughput (images/s, 64x64, EMA weights), timed interleaved."""
     import torch
 
-    from ldm.benchmarking import time_round_robin
-    from ldm.first_stage import load_first_stage
+    from ldm.tools.benchmarking import time_round_robin
+    from ldm.checkpoints import load_first_stage
     from ldm.util import count_params
 
     models = {k: load_first_stage(run, use_ema=True, device="cpu")[0] for k, run in ae_runs.items()}

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 STATE_FILE = "state.json"
 TIME_FORMAT = "%Y-%m-%dT%H-%M-%S"  # the run-folder prefix written by ldm.cli; sorts chronologically

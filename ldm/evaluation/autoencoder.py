@@ -1,0 +1,99 @@
+"""Reconstruction metrics of an autoencoder at several resolutions: PSNR/SSIM, LPIPS, rFID."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ldm.evaluation.detectors import Detector
+from ldm.evaluation.sources import _skip_none
+from ldm.metrics.fid import feature_statistics, frechet_distance
+from ldm.metrics.image import psnr, ssim, to_uint8
+
+
+# ----------------------------------------------------------------------------- autoencoder metrics
+def resize_images(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Float [-1, 1] NCHW images resized (bicubic, antialiased) to ``resolution`` squared, clipped."""
+    if x.shape[-1] == resolution and x.shape[-2] == resolution:
+        return x
+    x = F.interpolate(x.float(), size=(resolution, resolution), mode="bicubic", align_corners=False,
+                      antialias=True)
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """decode(encode(x).mode()): the deterministic reconstruction used for all stage-1 metrics."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model.decode(model.encode(x).mode()).float()
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.values: dict[str, list[torch.Tensor]] = {}
+        self.features: dict[str, list[np.ndarray]] = {"real": [], "rec": []}
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        self.values.setdefault(name, []).append(values.detach().float().flatten().cpu())
+
+    def summary(self) -> dict:
+        out: dict[str, Any] = {}
+        for name, chunks in self.values.items():
+            v = torch.cat(chunks).double()
+            out[name], out[f"{name}_std"] = float(v.mean()), float(v.std()) if len(v) > 1 else 0.0
+        out["n"] = len(torch.cat(self.values["psnr"])) if "psnr" in self.values else 0
+        if self.features["real"]:
+            real, rec = np.concatenate(self.features["real"]), np.concatenate(self.features["rec"])
+            out["rfid"] = (frechet_distance(*feature_statistics(rec), *feature_statistics(real))
+                           if len(real) > 1 else None)
+        return out
+
+
+def evaluate_autoencoder(model: torch.nn.Module, batches: Iterable[Any], resolutions: Sequence[int] | None = None,
+                         lpips: torch.nn.Module | None = None, detector: Detector | None = None,
+                         device: torch.device | str = "cpu", max_samples: int | None = None,
+                         precision: str = "fp32", progress: bool = True) -> dict[int, dict]:
+    """PSNR/SSIM (mean and std over images), LPIPS and rFID (reconstructions vs originals) per resolution.
+
+    ``batches``: float [-1, 1] NCHW tensors or dicts with ``"image"``; each batch is resized to every
+    resolution (default: its own size). Returns ``{resolution: {"psnr", "psnr_std", "ssim", ..., "n"}}``.
+    """
+    device = torch.device(device)
+    factor = int(getattr(model, "downsample_factor", 8))
+    bad = [r for r in resolutions or () if r % factor]
+    if bad:
+        raise ValueError(f"resolutions {bad} are not divisible by the autoencoder's factor {factor}")
+    acc: dict[int, _Accumulator] = {}
+    seen = 0
+    bar = tqdm(total=max_samples, disable=not progress, desc="eval autoencoder", unit="img", dynamic_ncols=True)
+    for batch in _skip_none(batches):
+        x = batch["image"] if isinstance(batch, Mapping) else batch
+        if max_samples is not None:
+            x = x[:max_samples - seen]
+        x = x.to(device).float()
+        for r in resolutions or [x.shape[-1]]:
+            _evaluate_batch(model, resize_images(x, r), acc.setdefault(r, _Accumulator()), lpips, detector,
+                            precision)
+        seen += len(x)
+        bar.update(len(x))
+        if max_samples is not None and seen >= max_samples:
+            break
+    bar.close()
+    if seen == 0:
+        raise ValueError("evaluate_autoencoder: no images")
+    return {r: a.summary() for r, a in acc.items()}
+
+
+def _evaluate_batch(model, x: torch.Tensor, acc: _Accumulator, lpips, detector, precision: str) -> None:
+    rec = reconstruct(model, x, precision).clamp(-1, 1)  # saved images are clipped; metrics see the same
+    acc.add("psnr", psnr(rec, x))
+    acc.add("ssim", ssim(rec, x))
+    if lpips is not None:
+        with torch.no_grad():
+            acc.add("lpips", lpips(rec, x))
+    if detector is not None:
+        acc.features["real"].append(detector.extractor(to_uint8(x)).cpu().numpy())
+        acc.features["rec"].append(detector.extractor(to_uint8(rec)).cpu().numpy())

@@ -1,0 +1,171 @@
+"""Image sources (folder / ``.npz`` / data config) read as uint8 NCHW batches for the metrics."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Subset
+
+from ldm.data.images import IMAGE_EXTENSIONS, collate_skip_bad, list_images
+from ldm.data.configs import dataset_config, deterministic
+from ldm.data.transforms import (
+    DECODE_ERRORS,
+    BadImageError,
+    ImageTransform,
+    open_image,
+    to_rgb_tensor,
+)
+from ldm.metrics.image import to_uint8
+from ldm.util import instantiate_from_config
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, "torch.Tensor | None"]  # (uint8 NCHW images, int64 labels or None)
+
+# -------------------------------------------------------------------------------------- image sources
+def source_kind(spec: str | Path) -> str:
+    """``"folder"``, ``"npz"`` (images), ``"stats"`` (``save_stats`` output) or ``"data"`` (a YAML config)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "folder"
+    if not path.is_file():
+        raise FileNotFoundError(f"image source not found: {path} (a folder, .npz or data config .yaml)")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return "stats" if {"mu", "sigma"} <= set(data.files) else "npz"
+    if path.suffix in (".yaml", ".yml"):
+        return "data"
+    raise ValueError(f"{path}: unknown image source; expected a folder, an .npz or a data config .yaml")
+
+
+@dataclass
+class ImageSource:
+    """Where images come from and how many; ``batches()`` yields ``(uint8 NCHW, labels | None)``.
+
+    ``size``: resize folder images / override a data config's ``size``; ``split``: the data config split.
+    """
+
+    spec: str
+    split: str = "validation"
+    size: int | None = None
+    max_samples: int | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    kind: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = source_kind(self.spec)
+
+    def identity(self) -> dict:
+        """What the cached statistics of this source depend on."""
+        path = Path(self.spec).expanduser().resolve()
+        out: dict[str, Any] = {"kind": self.kind, "path": str(path), "max_samples": self.max_samples,
+                               "size": self.size}
+        if self.kind == "folder":
+            out["files"] = len(list_images(path, IMAGE_EXTENSIONS))
+        elif self.kind == "data":
+            out["dataset"] = self.dataset_config()
+        else:
+            stat = path.stat()
+            out.update(bytes=stat.st_size, mtime=stat.st_mtime)
+        return out
+
+    def dataset_config(self) -> dict:
+        cfg = deterministic(dataset_config(OmegaConf.load(self.spec), self.split))
+        if self.size is not None:
+            cfg["params"]["size"] = self.size
+        return cfg
+
+    def batches(self) -> Iterator[Batch]:
+        readers = {"folder": self._folder, "npz": self._npz, "data": self._data}
+        if self.kind not in readers:
+            raise ValueError(f"{self.spec} holds statistics, not images")
+        produced = 0
+        for images, labels in readers[self.kind]():
+            if self.max_samples is not None:
+                keep = self.max_samples - produced
+                images, labels = images[:keep], None if labels is None else labels[:keep]
+            produced += len(images)
+            yield images, labels
+            if self.max_samples is not None and produced >= self.max_samples:
+                return
+
+    def _folder(self) -> Iterator[Batch]:
+        root = Path(self.spec).expanduser()
+        buffer: list[torch.Tensor] = []
+        for name in list_images(root, IMAGE_EXTENSIONS):
+            image = read_image_uint8(root / name, self.size)
+            if image is None:
+                continue
+            if buffer and image.shape != buffer[0].shape:
+                raise ValueError(f"{root}: images of different sizes ({tuple(buffer[0].shape)} and "
+                                 f"{tuple(image.shape)} at {name}); pass a size (--size) to resize them")
+            buffer.append(image)
+            if len(buffer) == self.batch_size:
+                yield torch.stack(buffer), None
+                buffer = []
+        if buffer:
+            yield torch.stack(buffer), None
+
+    def _npz(self) -> Iterator[Batch]:
+        images, labels = load_npz_images(self.spec)
+        for start in range(0, len(images), self.batch_size):
+            chunk = torch.from_numpy(images[start:start + self.batch_size])
+            yield chunk, None if labels is None else torch.from_numpy(labels[start:start + self.batch_size])
+
+    def _data(self) -> Iterator[Batch]:
+        for batch in _skip_none(data_loader(self.dataset_config(), self.batch_size, self.num_workers,
+                                            self.max_samples)):
+            labels = batch.get("cls")
+            yield to_uint8(batch["image"]), None if labels is None else torch.as_tensor(labels).long()
+
+
+def read_image_uint8(path: Path, size: int | None = None) -> torch.Tensor | None:
+    """(3, H, W) uint8 RGB, exact pixels unless ``size`` (then centre crop + bicubic resize); None if bad."""
+    try:
+        pixels = to_rgb_tensor(open_image(path))
+    except (*DECODE_ERRORS, BadImageError) as e:
+        log.warning("skipping bad image %s: %s: %s", path, type(e).__name__, e)
+        return None
+    if pixels.dtype != torch.uint8:  # 16-bit input arrives as float in [0, 1]
+        pixels = (pixels * 255).round().clamp(0, 255).to(torch.uint8)
+    if size is not None and tuple(pixels.shape[1:]) != (size, size):
+        pixels = to_uint8(ImageTransform(size, "center", False).from_tensor(pixels))
+    return pixels
+
+
+def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``arr_0`` (or ``images``) as uint8 NCHW, and ``labels`` if present (sample.py / ADM layout: NHWC)."""
+    with np.load(Path(path).expanduser(), allow_pickle=False) as data:
+        key = "arr_0" if "arr_0" in data.files else "images" if "images" in data.files else None
+        if key is None:
+            raise KeyError(f"{path}: no 'arr_0' or 'images' array (has {data.files})")
+        images = data[key]
+        labels = data["labels"].astype(np.int64) if "labels" in data.files else None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{path}: expected uint8 images (N, H, W, C) or (N, C, H, W), got {images.dtype} "
+                         f"{images.shape}")
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return np.ascontiguousarray(images), labels
+
+
+def data_loader(config: Mapping, batch_size: int, num_workers: int = 0, max_samples: int | None = None,
+                shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader over the dataset ``config`` (first ``max_samples`` items), dropping bad samples."""
+    dataset = instantiate_from_config(config, where="data")
+    if max_samples is not None and hasattr(dataset, "__len__"):
+        dataset = Subset(dataset, range(min(max_samples, len(dataset))))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+                      collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed))
+
+
+def _skip_none(loader: Iterable) -> Iterator:
+    return (b for b in loader if b is not None)
