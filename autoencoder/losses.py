@@ -1,7 +1,7 @@
 """LiteVAE stage-1 objective (spec §3.1): pixel + LPIPS + KL + wavelet-HF + Gaussian-HF + adversarial.
 
 The paper publishes none of the loss weights; every weight is a constructor argument whose default
-is justified in :class:`AutoencoderLoss`. All losses are computed in fp32 with autocast disabled
+is justified in the README's loss-weights table. All losses are computed in fp32 with autocast disabled
 (GAN/VAE losses in bf16/fp16 are a known NaN source).
 """
 from __future__ import annotations
@@ -88,33 +88,13 @@ def _fp32_region(x: Tensor) -> contextlib.AbstractContextManager:
 class AutoencoderLoss(nn.Module):
     """The LiteVAE training objective with its discriminator (used by the stage-1 LightningModule).
 
-    **The paper publishes no loss weights** (spec §3.1). Defaults and why:
+    **The paper publishes no loss weights** (spec §3.1). Every default, its source and the reason for it are in
+    one place: the README's "Stage-1 loss weights and hyperparameters" table.
 
-    * Reductions: pixel, LPIPS, wavelet and Gaussian terms are per-element (per-image for LPIPS)
-      *means*, so weights do not depend on resolution and a constant GAN weight is meaningful (the
-      paper drops the adaptive weight). KL is summed over C, H, W and averaged over the batch
-      (paper / LDM). Note LDM *sums* its reconstruction over pixels, so its ``kl_weight=1e-6`` is
-      3·H·W times weaker relative to reconstruction than the same number here; to reproduce LDM's
-      balance exactly use ``kl_weight = 1e-6 / (3·H·W)``.
-    * ``pixel_loss="l1"``, ``pixel_weight=1``: LDM's ℓ1 ("ℓ1 and perceptual" in the paper).
-    * ``kl_weight=1e-6``: LDM's number, with mean-reduced reconstruction as in diffusers'
-      AutoencoderKL training script. This regularises more than LDM, in line with the paper's
-      LiteVAE latents being closer to N(0, I) than SD-VAE's (Table 6). Tune per dataset.
-    * ``perceptual_weight=1``: LDM/VQGAN default. LPIPS-VGG is not built at all when the weight is 0.
-    * ``wavelet_weight=1``, ``charbonnier_eps=1e-3``: the /2-scaled Haar detail bands are in image
-      units, like the ℓ1 term, so weight 1 gives high-frequency errors the same weight as pixel
-      errors; ε = 1e-3 is far below an 8-bit step in [-1, 1] (≈ 7.8e-3), so it behaves like ℓ1.
-    * ``gaussian_weight=1``, ``gaussian_sigma=1``, ``gaussian_kernel_size=5``: again image units; σ = 1
-      (kernel ±2σ) isolates the finest scale, the one the paper targets (Zamfir et al. use a small σ).
-    * ``disc_loss="hinge"``: the paper's baseline (Table 16); ``"non_saturating"`` is its logistic variant.
-    * ``disc_weight=0.1`` constant, ``adaptive_disc_weight=False``: the paper replaces the VQGAN
-      adaptive weight by a constant (Table 8); 0.1 keeps the GAN gradient small next to mean-reduced
-      reconstruction terms (a common constant for mean-reduced VQGAN-style losses).
-    * ``disc_start=40_000``: not given; Fig. 7 plots GAN gradient ratios from 40k steps on, so the
-      term was active by then. LDM's 50_001 would contradict that figure.
-    * ``disc_pixel_weight=1``: U-Net GAN weights its global and per-pixel terms equally.
-    * ``disc_fp32=True``: the discriminator runs with autocast off — mixed-precision GAN training is a
-      frequent NaN source and D is small next to the autoencoder. Set False to run it under autocast.
+    Reductions: pixel, LPIPS, wavelet and Gaussian terms are per-element (per-image for LPIPS) *means*, so
+    weights do not depend on resolution and a constant GAN weight is meaningful. KL is summed over C, H, W and
+    averaged over the batch (paper / LDM); LDM *sums* its reconstruction over pixels, so its ``kl_weight=1e-6``
+    is 3·H·W times weaker relative to reconstruction than the same number here.
 
     LPIPS is frozen and deliberately kept out of ``parameters()``/``state_dict()``: it would add ~58 MB
     to every checkpoint, break strict loading of checkpoints made without it, and it must never reach

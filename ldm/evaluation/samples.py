@@ -88,6 +88,8 @@ def reference_stats(source: ImageSource, detector: Detector, cache_path: str | P
 
 def _given_stats(path: Path, detector: Detector, keep_features: bool) -> ReferenceStats:
     mu, sigma, meta = load_stats(path)
+    if not meta:  # no ``meta``: statistics from elsewhere, e.g. an ADM reference batch's mu/sigma
+        meta = _foreign_stats_meta(path, mu, detector)
     if meta.get("detector") not in (None, detector.identity):
         raise ValueError(f"{path} was computed with detector {meta['detector']}, not {detector.identity}")
     features = np.load(_features_path(path)) if _features_path(path).is_file() else None
@@ -169,3 +171,15 @@ def source_accuracy(model: torch.nn.Module, source: ImageSource) -> float:
         correct += round(classification_accuracy(model, x, labels) * len(labels))
         total += len(labels)
     return correct / total
+
+
+def _foreign_stats_meta(path: Path, mu: np.ndarray, detector: Detector) -> dict:
+    """Accept ``mu``/``sigma`` that we did not write (ADM's evaluator: TF Inception pool_3, 2048-d) only with an
+    Inception-compatible detector of the same width; with the random network such an FID would mean nothing."""
+    if detector.kind == "random" or mu.shape != (detector.extractor.dim,):
+        raise ValueError(f"{path} holds {mu.shape[0]}-d statistics from another tool (no 'meta', e.g. an ADM "
+                         f"reference batch); they need an Inception detector with {mu.shape[0]}-d features, not "
+                         f"{detector.identity} ({detector.extractor.dim}-d). Pass the reference images instead.")
+    log.warning("%s: statistics without 'meta' (e.g. an ADM reference batch), taken as Inception pool features; "
+                "FIDs against them match ADM's evaluator up to the TF-vs-PyTorch port's numerical differences", path)
+    return {"count": None, "detector": None, "ref": str(path), "foreign": True}

@@ -29,15 +29,19 @@ Batch = tuple[torch.Tensor, "torch.Tensor | None"]  # (uint8 NCHW images, int64 
 
 # -------------------------------------------------------------------------------------- image sources
 def source_kind(spec: str | Path) -> str:
-    """``"folder"``, ``"npz"`` (images), ``"stats"`` (``save_stats`` output) or ``"data"`` (a YAML config)."""
+    """``"folder"``, ``"npz"`` (images: ours or an ADM reference batch), ``"stats"`` (``mu``/``sigma`` only: our
+    ``save_stats`` output or ADM statistics) or ``"data"`` (a YAML config)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return "folder"
     if not path.is_file():
         raise FileNotFoundError(f"image source not found: {path} (a folder, .npz or data config .yaml)")
     if path.suffix == ".npz":
+        # ADM reference batches hold images (arr_0) AND the evaluator's statistics (mu, sigma): read the images,
+        # so both sides of the FID go through the same detector code.
         with np.load(path, allow_pickle=False) as data:
-            return "stats" if {"mu", "sigma"} <= set(data.files) else "npz"
+            has_images = bool({"arr_0", "images"} & set(data.files))
+            return "stats" if {"mu", "sigma"} <= set(data.files) and not has_images else "npz"
     if path.suffix in (".yaml", ".yml"):
         return "data"
     raise ValueError(f"{path}: unknown image source; expected a folder, an .npz or a data config .yaml")
@@ -140,13 +144,16 @@ def read_image_uint8(path: Path, size: int | None = None) -> torch.Tensor | None
 
 
 def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``arr_0`` (or ``images``) as uint8 NCHW, and ``labels`` if present (sample.py / ADM layout: NHWC)."""
+    """``arr_0`` (or ``images``) as uint8 NCHW, and ``labels`` (or ADM's ``arr_1``) if present (sample.py /
+    ADM layout: NHWC)."""
     with np.load(Path(path).expanduser(), allow_pickle=False) as data:
         key = "arr_0" if "arr_0" in data.files else "images" if "images" in data.files else None
         if key is None:
             raise KeyError(f"{path}: no 'arr_0' or 'images' array (has {data.files})")
         images = data[key]
-        labels = data["labels"].astype(np.int64) if "labels" in data.files else None
+        # ``labels`` (ours) or ``arr_1`` (ADM's sample.py writes class-conditional labels there).
+        label_key = next((k for k in ("labels", "arr_1") if k in data.files and data[k].ndim == 1), None)
+        labels = data[label_key].astype(np.int64) if label_key else None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: expected uint8 images (N, H, W, C) or (N, C, H, W), got {images.dtype} "
                          f"{images.shape}")

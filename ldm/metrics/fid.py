@@ -132,6 +132,11 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta:
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read ``(mu, sigma, meta)`` written by ``save_stats``."""
+    """Read ``(mu, sigma, meta)`` written by ``save_stats``; ``meta`` is ``{}`` for files of other tools (e.g.
+    ADM reference batches, which hold ``mu``/``sigma`` and no ``meta``)."""
     with np.load(Path(path), allow_pickle=False) as data:
-        return data["mu"], data["sigma"], json.loads(str(data["meta"]))
+        missing = {"mu", "sigma"} - set(data.files)
+        if missing:
+            raise KeyError(f"{path}: no {sorted(missing)} array (has {data.files}); not a statistics file")
+        meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+        return data["mu"], data["sigma"], meta
