@@ -19,7 +19,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 import torch
 from omegaconf import OmegaConf
 
@@ -67,12 +66,24 @@ def classifier_cache(args: argparse.Namespace) -> Path | None:
     return None
 
 
+def checked_source(flag: str, **kw) -> ImageSource:
+    """An ``ImageSource`` whose errors name the argument it came from, checked before any feature is computed."""
+    try:
+        source = ImageSource(**kw)
+        source.check()
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise type(e)(f"{flag} {kw['spec']}: {e}") from e
+    return source
+
+
 def prepare(args: argparse.Namespace, device: torch.device):
-    """Detector first (missing weights fail before any image is read), then the sources and configs."""
+    """Detector first (missing weights fail before any image is read), then both inputs are checked (found,
+    readable, not empty), then the configs: nothing is computed until every input is known to be usable."""
     detector = build_detector(args.detector, device)
-    samples = ImageSource(args.samples, max_samples=args.max_samples, batch_size=args.batch_size)
-    ref = ImageSource(args.ref, split=args.ref_split, size=args.ref_size, max_samples=args.max_ref,
-                      batch_size=args.batch_size, num_workers=args.workers)
+    samples = checked_source("--samples", spec=args.samples, max_samples=args.max_samples,
+                             batch_size=args.batch_size)
+    ref = checked_source("--ref", spec=args.ref, split=args.ref_split, size=args.ref_size, max_samples=args.max_ref,
+                         batch_size=args.batch_size, num_workers=args.workers)
     cls_cfg = None
     if args.classifier_data:
         cls_cfg = deterministic(dataset_config(OmegaConf.load(args.classifier_data), "train"))

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -79,6 +80,28 @@ class ImageSource:
             out.update(bytes=stat.st_size, mtime=stat.st_mtime)
         return out
 
+    def check(self) -> int | None:
+        """Fail now, not after the other input's features were computed: the number of images this source will
+        give (``None`` for statistics), or a ``ValueError`` saying why it gives none."""
+        count = {"folder": self._count_folder, "npz": self._count_npz, "data": self._count_data,
+                 "stats": lambda: None}[self.kind]()
+        if count == 0:
+            raise ValueError(f"{self.spec}: no images")
+        return count if count is None or self.max_samples is None else min(count, self.max_samples)
+
+    def _count_folder(self) -> int:
+        return len(list_images(Path(self.spec).expanduser(), IMAGE_EXTENSIONS))
+
+    def _count_npz(self) -> int:
+        shape, dtype = npz_array_header(self.spec, ("arr_0", "images"))
+        if dtype != np.uint8 or len(shape) != 4:
+            raise ValueError(f"{self.spec}: expected uint8 images (N, H, W, C), got {dtype} {shape}")
+        return shape[0]
+
+    def _count_data(self) -> int:
+        dataset = instantiate_from_config(self.dataset_config(), where=f"{self.spec}: data.params.{self.split}")
+        return len(dataset) if hasattr(dataset, "__len__") else -1  # a stream: counted while reading
+
     def dataset_config(self) -> dict:
         cfg = deterministic(dataset_config(OmegaConf.load(self.spec), self.split))
         if self.size is not None:
@@ -141,6 +164,22 @@ def read_image_uint8(path: Path, size: int | None = None) -> torch.Tensor | None
     if size is not None and tuple(pixels.shape[1:]) != (size, size):
         pixels = to_uint8(ImageTransform(size, "center", False).from_tensor(pixels))
     return pixels
+
+
+def npz_array_header(path: str | Path, keys: Sequence[str]) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of the first of ``keys`` in an ``.npz``, read from the array header only (a 50k-sample
+    file is gigabytes; checking it must not load it)."""
+    with zipfile.ZipFile(Path(path).expanduser()) as archive:
+        names = set(archive.namelist())
+        key = next((k for k in keys if f"{k}.npy" in names), None)
+        if key is None:
+            raise KeyError(f"{path}: no {' or '.join(repr(k) for k in keys)} array (has "
+                           f"{sorted(n[:-4] for n in names)})")
+        with archive.open(f"{key}.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+    return shape, dtype
 
 
 def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
