@@ -72,18 +72,88 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
     raise FileNotFoundError(f"cannot resume: {path} is neither a run folder nor a checkpoint")
 
 
+SECTIONS = ("model", "data", "lightning")
+
+
+def merge_configs(configs: Sequence[DictConfig]) -> DictConfig:
+    """OmegaConf's left-to-right merge, except that a node whose ``target`` a later config replaces takes that
+    config's ``params`` only: the old object's arguments mean nothing to the new one (a second ``--base`` that
+    swaps Fashion-MNIST for an ImageFolder must not hand it ``split: train``)."""
+    merged = OmegaConf.create()
+    for config in configs:
+        _drop_replaced_params(merged, config)
+        merged = OmegaConf.merge(merged, config)
+    return merged
+
+
+def _drop_replaced_params(old: Any, new: Any) -> None:
+    if not (isinstance(old, DictConfig) and isinstance(new, DictConfig)):
+        return
+    new_target = new.get("target") if "target" in new else None
+    if new_target is not None and "target" in old and old.get("target") != new_target and "params" in old:
+        log.info("config: target %s -> %s: the earlier params %s are dropped", old.get("target"), new_target,
+                 sorted(old.get("params") or {}))
+        del old["params"]
+    for key in new:
+        if key in old and not _is_leaf_value(old, key) and not _is_leaf_value(new, key):
+            _drop_replaced_params(old[key], new[key])
+
+
+def _is_leaf_value(config: DictConfig, key: str) -> bool:
+    """``???`` and ``${...}`` values: reading them would resolve (or fail), and they hold no nested node."""
+    return OmegaConf.is_missing(config, key) or OmegaConf.is_interpolation(config, key)
+
+
+def check_sections(config: DictConfig, bases: Sequence[str]) -> None:
+    """Top-level keys are the sections ``model``/``data``/``lightning`` or plain values that the configs
+    interpolate (e.g. ``latents: ???``); anything else is a typo that would be saved silently into the run."""
+    from_files = {k for base in bases for k in OmegaConf.load(base)}
+    for key in config:
+        nested = not _is_leaf_value(config, key) and isinstance(config[key], DictConfig)
+        misspelt_section = key not in SECTIONS and nested
+        new_by_override = key not in SECTIONS and key not in from_files
+        if misspelt_section or new_by_override:
+            where = "an override" if new_by_override else "a config file"
+            raise ConfigError(f"unknown top-level config key {key!r} (from {where}); the sections are "
+                              f"{list(SECTIONS)}" + (f", the files' top-level values {sorted(from_files - set(SECTIONS))}"
+                                                     if from_files - set(SECTIONS) else ""))
+
+
 def load_config(bases: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     configs = []
     for base in bases:
         if not Path(base).is_file():
             raise FileNotFoundError(f"config file not found: {base}")
         configs.append(OmegaConf.load(base))
-    config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
+    config = merge_configs([*configs, OmegaConf.from_dotlist(list(overrides))])
+    check_sections(config, bases)
     for key in ("model",):
         if key not in config:
             raise ConfigError(f"the merged config has no '{key}' section (files: {list(bases)})")
     config.setdefault("lightning", {})
     return config
+
+
+def check_checkpoint(path: str | Path, flag: str, lightning: bool) -> None:
+    """Open a checkpoint argument before anything is built: a wrong file fails in a second, naming itself.
+
+    ``torch.load(..., mmap=True)`` maps the file instead of reading it, so even a large checkpoint costs little.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+            obj: Any = {"state_dict": True}
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to open is the reason we report
+        raise ConfigError(f"{flag} {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or (lightning and not {"state_dict", "loops"} <= set(obj)):
+        raise ConfigError(f"{flag} {path} is not a readable checkpoint (not a Lightning training checkpoint: "
+                          f"{'-r needs one with state_dict and loop state' if lightning else 'no weights found'})")
 
 
 def build_loggers(config: DictConfig, logdir: Path, run_name: str, resumed_at: str | None = None) -> list:
@@ -161,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bases = list(opt.base)
     if opt.resume:
         logdir, ckpt_path = resolve_resume(opt.resume)
+        check_checkpoint(ckpt_path, "-r", lightning=True)
         bases = sorted(str(p) for p in (logdir / "configs").glob("*-project.yaml")) + bases
         run_name = logdir.name
     else:
@@ -169,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = opt.name or Path(bases[0]).stem
         run_name = f"{now}_{name}"
         logdir = Path(opt.logdir) / run_name
+    if opt.init_from:
+        check_checkpoint(opt.init_from, "--init-from", lightning=False)
     config = load_config(bases, overrides)
 
     if opt.print_config:
