@@ -2,32 +2,28 @@
 
 Manual optimisation (Lightning 2 requires it for two optimizers): an autoencoder step and, once the
 discriminator is active, a discriminator step per batch. ``global_step`` counts autoencoder optimizer
-steps only, so ``max_steps``, ``disc_start`` and checkpoint intervals all mean the same thing.
+steps only, so ``max_steps``, ``disc_start`` and checkpoint intervals all mean the same thing: Lightning
+counts the steps made through its optimizer wrapper, so the discriminator steps its torch optimizer directly.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any, Mapping
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim
 from ldm.util import (batch_missing, check_finite, fused_optimizer_kwargs, instantiate_from_config, is_empty_batch,
-                      maybe_compile)
+                      maybe_compile, run_seed, step_generator)
 
 log = logging.getLogger(__name__)
 
 
 _CROP_STREAM, _NOISE_STREAM = 0, 1
-
-
-def _no_step_count() -> None:
-    """Replaces Lightning's per-step hook on the discriminator optimizer (see module docstring)."""
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -74,16 +70,9 @@ class AutoencoderModule(pl.LightningModule):
         return size
 
     def train_generator(self, stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator seeded from (seed, global_step, micro-batch, rank, stream).
-
-        Training randomness (crop offsets, posterior noise) is then a pure function of the step, so a
-        resumed run draws exactly what an uninterrupted one would: Lightning checkpoints do not hold the
-        global RNG states, and data loaders draw from the global torch RNG in any case.
-        """
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by pl.seed_everything (the CLI's --seed)
-        entropy = [seed, self.global_step, self._micro_batches, self.global_rank, stream]
-        state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
-        return torch.Generator(device=device).manual_seed(int(state))
+        """This micro-batch's generator for ``stream`` (crop offsets, posterior noise): ``ldm.util.step_generator``
+        seeded by the run's ``--seed``, so a resumed run draws exactly what an uninterrupted one would."""
+        return step_generator(run_seed(), self.global_step, self._micro_batches, self.global_rank, stream, device)
 
     def get_input(self, batch: Mapping[str, Any], train: bool = False) -> torch.Tensor:
         x = batch[self.image_key]
@@ -103,6 +92,16 @@ class AutoencoderModule(pl.LightningModule):
         return self.autoencoder.decode(z), posterior
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        # A grad scaler only sees steps made through Lightning's optimizer wrapper, which the discriminator's skips.
+        if stage == "fit" and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(f"stage 1 does not support precision={self.trainer.precision!r} (a grad scaler); "
+                             "use lightning.trainer.precision=bf16-mixed or 32-true")
+
+    def on_train_start(self) -> None:
+        if self.ema is not None:
+            self.ema.update_after_each_step(self.autoencoder, self.trainer.optimizers[0])
+
     def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> None:
         if batch_missing(self, batch):
             return
@@ -124,8 +123,6 @@ class AutoencoderModule(pl.LightningModule):
         self.manual_backward(g_loss / self.accumulate_grad_batches)
         if boundary:
             self._step(opt_ae)
-            if self.ema is not None:
-                self.ema.update(self.autoencoder)
 
         if opt_d is not None and self.loss.disc_active(step):
             d_loss, d_logs = self.loss.discriminator_loss(x, xrec.detach(), step)
@@ -133,17 +130,19 @@ class AutoencoderModule(pl.LightningModule):
             logs = {**logs, **d_logs}
             self.manual_backward(d_loss / self.accumulate_grad_batches)
             if boundary:
-                opt_d._on_before_step = opt_d._on_after_step = _no_step_count
                 self._step(opt_d)
         self._micro_batches = 0 if boundary else self._micro_batches + 1
         for keys, bar in (({"loss", "rec"}, True), (logs.keys() - {"loss", "rec"}, False)):
             self.log_dict({f"train/{k}": logs[k] for k in keys}, prog_bar=bar, on_step=True, on_epoch=False,
                           batch_size=x.shape[0])
 
-    def _step(self, optimizer) -> None:
+    def _step(self, optimizer: LightningOptimizer) -> None:
+        """Clip, step, zero the gradients. Only the autoencoder's step goes through Lightning's wrapper, the one
+        that counts it in ``global_step``; the discriminator's torch optimizer steps uncounted."""
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
+        counted = optimizer.optimizer is self.trainer.optimizers[0]  # configure_optimizers: autoencoder first
+        (optimizer if counted else optimizer.optimizer).step()
         optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self):

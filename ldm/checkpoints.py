@@ -5,9 +5,15 @@ Sources: a stage-1 run folder (``logs/<run>``), a Lightning ``.ckpt`` inside one
 ``.safetensors`` with a config sidecar. Only the autoencoder (``model.params.autoencoder``) is built, from
 its ``target:`` strings — never the LightningModule, so no LPIPS/discriminator is constructed, and ``ldm``
 does not import ``autoencoder`` directly.
+
+Weights are "ema" (the EMA copy) or "raw" (the trained weights themselves, ``autoencoder.*``). A stage-2
+checkpoint describes itself: next to its normalisation buffers it records the identity of the first stage
+whose latents it learned (``first_stage_identity``), so sampling needs no latent cache, and the first stage
+it decodes with is checked against that record (``first_stage_mismatch``).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,12 +21,22 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.util import ConfigError, instantiate_from_config, load_state_dict, load_weights, sha256_file
+from ldm.data.manifest import read_latent_stats
+from ldm.util import (ConfigError, get_obj_from_str, instantiate_from_config, load_state_dict, load_weights,
+                      sha256_file)
 
 log = logging.getLogger(__name__)
 
 EMA_PREFIX = "ema.module."
-LIVE_PREFIX = "autoencoder."
+RAW_PREFIX = "autoencoder."
+# Where a stage-2 checkpoint records its first stage: a key of the Lightning checkpoint dict, and of an
+# export's safetensors metadata (JSON).
+FIRST_STAGE_KEY = "first_stage"
+# ``model.params.first_stage.path`` value: the first stage recorded in the latent cache's manifest.
+FROM_MANIFEST = "from_manifest"
+# Files written before "raw" was the one word for non-EMA weights say "live".
+_LEGACY_WEIGHTS = {"live": "raw"}
+IDENTITY_KEYS = ("config", "ckpt_path", "sha256", "weights", "exported_from")
 
 
 def autoencoder_config(config: Mapping | DictConfig) -> dict:
@@ -75,14 +91,14 @@ def resolve_source(source: str | Path) -> tuple[Path, Path]:
 
 def select_weights(state: Mapping[str, torch.Tensor], use_ema: bool, what: str
                    ) -> tuple[dict[str, torch.Tensor], str]:
-    """The autoencoder's own keys and which they are: ``"ema"`` when asked and present, else ``"live"``
+    """The autoencoder's own keys and which they are: ``"ema"`` when asked and present, else ``"raw"``
     (``autoencoder.*``), else ``"as stored"`` (a plain autoencoder state dict, e.g. an export)."""
-    for prefix, kind, wanted in ((EMA_PREFIX, "ema", use_ema), (LIVE_PREFIX, "live", True)):
+    for prefix, kind, wanted in ((EMA_PREFIX, "ema", use_ema), (RAW_PREFIX, "raw", True)):
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if wanted else {}
         if sub:
             log.info("%s: using %s weights (%s*)", what, kind, prefix)
             return sub, kind
-    log.info("%s: no %s*/%s* keys; using the weights as stored", what, EMA_PREFIX, LIVE_PREFIX)
+    log.info("%s: no %s*/%s* keys; using the weights as stored", what, EMA_PREFIX, RAW_PREFIX)
     return dict(state), "as stored"
 
 
@@ -92,7 +108,8 @@ def load_first_stage(source: str | Path | None = None, use_ema: bool = True, dev
     """Build the autoencoder, load its weights strictly, freeze it, put it in eval mode on ``device``.
 
     Either ``source`` (run folder / ``.ckpt`` / ``.safetensors``), or ``config`` + ``ckpt``.
-    Returns ``(model, info)``, ``info = {"config", "ckpt_path", "sha256", "weights"}`` (ema / live / as stored).
+    Returns ``(model, info)``, ``info = {"config", "ckpt_path", "sha256", "weights"}`` (ema / raw / as stored),
+    plus ``exported_from`` (the source checkpoint's path, SHA-256 and weights) for a ``scripts/export.py`` file.
     """
     if source is not None:
         config_path, weights_path = resolve_source(source)
@@ -110,7 +127,73 @@ def load_first_stage(source: str | Path | None = None, use_ema: bool = True, dev
     model.eval().requires_grad_(False).to(device)
     info = {"config": ae_config, "ckpt_path": str(weights_path.resolve()), "sha256": sha256_file(weights_path),
             "weights": kind}
+    exported_from = _export_source(weights_path)
+    if exported_from:
+        info["exported_from"] = exported_from
     return model, info
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _export_source(path: Path) -> dict[str, str] | None:
+    """The checkpoint a first-stage export was made from (its metadata), so that the release file and the
+    training checkpoint count as the same first stage although their bytes differ."""
+    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    if not meta.get("sha256"):
+        return None
+    return {"ckpt_path": meta.get("source", ""), "sha256": meta["sha256"], "weights": meta.get("weights", "")}
+
+
+# ------------------------------------------------------------------------------------------ identity
+def first_stage_identity(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What a stage-2 checkpoint records about its first stage, from ``load_first_stage``'s ``info`` or a cache
+    manifest's ``autoencoder`` entry: config, checkpoint path, SHA-256, weights (ema / raw / as stored)."""
+    identity = {key: info[key] for key in IDENTITY_KEYS if info.get(key) is not None}
+    if "weights" in identity:
+        identity["weights"] = _LEGACY_WEIGHTS.get(identity["weights"], identity["weights"])
+    return identity
+
+
+def _origin(info: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(sha256, weights)`` of the checkpoint the weights come from (an export's source for an export)."""
+    source = info.get("exported_from") or info
+    weights = source.get("weights")
+    return source.get("sha256"), _LEGACY_WEIGHTS.get(weights, weights)
+
+
+def first_stage_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any]) -> str | None:
+    """``None`` when ``loaded`` (``load_first_stage``'s info) is the first stage ``expected`` describes, else
+    a message naming both SHA-256s. An export (``scripts/export.py``) matches the checkpoint it was made from."""
+    (want_sha, want_weights), (have_sha, have_weights) = _origin(expected), _origin(loaded)
+    if not want_sha:
+        log.warning("the recorded first stage has no sha256: cannot check %s", loaded["ckpt_path"])
+        return None
+    if (want_sha, want_weights) == (have_sha, have_weights):
+        return None
+    return (f"first stage {loaded['ckpt_path']} is sha256 {have_sha} ({have_weights} weights), but the latents "
+            f"were cached with {want_sha} ({want_weights} weights of {expected.get('ckpt_path')})")
+
+
+def load_recorded_first_stage(identity: Mapping[str, Any], source: str | Path | None = None,
+                              device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The first stage ``identity`` records (its EMA or raw weights, as recorded): from ``source`` when given
+    (another copy, e.g. the stage-1 export), else from the recorded checkpoint path and config."""
+    use_ema = identity.get("weights") != "raw"
+    if source is not None:
+        return load_first_stage(source, use_ema=use_ema, device=device)
+    if not identity.get("ckpt_path") or not identity.get("config"):
+        raise ValueError(f"the recorded first stage {dict(identity)} names no checkpoint and config: pass the "
+                         "first stage explicitly (scripts/sample.py --first-stage)")
+    if not Path(identity["ckpt_path"]).is_file():
+        raise FileNotFoundError(f"the recorded first stage {identity['ckpt_path']} (sha256 {identity.get('sha256')}) "
+                                "is not on this machine: pass a copy of it, e.g. its stage-1 export "
+                                "(scripts/sample.py --first-stage)")
+    return load_first_stage(config=identity["config"], ckpt=identity["ckpt_path"], use_ema=use_ema, device=device)
 
 
 def export_first_stage(source: str | Path, out: str | Path, use_ema: bool = True) -> tuple[Path, Path]:
@@ -135,35 +218,109 @@ def export_first_stage(source: str | Path, out: str | Path, use_ema: bool = True
 
 
 # ------------------------------------------------------------------------------------------ stage 2
-def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
-                   first_stage: str | None = None) -> tuple[torch.nn.Module, DictConfig]:
-    """A stage-2 model from a run folder (newest ``configs/*-project.yaml`` + ``checkpoints/last.ckpt``) or a
-    ``.ckpt`` inside one, in eval mode on ``device``. ``first_stage`` overrides the decoder's source.
+def read_diffusion_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, record)`` of a stage-2 ``.ckpt`` or export. ``record`` is what the file says about itself:
+    ``first_stage`` (the identity; absent from files made before checkpoints recorded it) and, for an export,
+    ``weights`` (ema / raw: the one UNet it holds)."""
+    if path.suffix == ".safetensors":
+        meta = _safetensors_metadata(path)
+        record = {key: json.loads(value) for key, value in meta.items() if key == FIRST_STAGE_KEY}
+        if meta.get("weights"):
+            record["weights"] = _LEGACY_WEIGHTS.get(meta["weights"], meta["weights"])
+        return load_state_dict(path), record
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt.get("state_dict", ckpt), {key: ckpt[key] for key in (FIRST_STAGE_KEY,) if key in ckpt}
 
-    The normalisation (scale/shift) and latent shape come from the checkpoint's buffers. With
-    ``first_stage.path: from_manifest`` the decoder's checkpoint is found through the cache's
-    ``manifest.json``; on a machine without the cache pass ``first_stage`` (``--first-stage``) instead.
+
+def _recorded_identity(record: Mapping[str, Any], config: DictConfig, ckpt_path: Path) -> dict | None:
+    """The first stage the checkpoint records; for one made before checkpoints recorded it, the latent cache
+    manifest's record where the cache is still reachable (the old way), else ``None``."""
+    if FIRST_STAGE_KEY in record:
+        return record[FIRST_STAGE_KEY]
+    latent_stats = config.model.params.get("latent_stats")
+    if not latent_stats:
+        return None
+    try:
+        autoencoder = read_latent_stats(latent_stats)["autoencoder"]
+    except FileNotFoundError:
+        return None
+    log.warning("%s records no first stage (made before checkpoints described themselves): using the record in "
+                "%s; scripts/export.py writes a self-describing copy", ckpt_path, latent_stats)
+    return first_stage_identity(autoencoder) or None
+
+
+def _configured_first_stage(config: DictConfig) -> dict:
+    node = config.model.params.get("first_stage")
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def _unrecorded_first_stage(source: str | None, config: DictConfig, ckpt_path: Path) -> torch.nn.Module:
+    """The decoder of a checkpoint that records no first stage: ``source`` or the configured path, unchecked."""
+    configured = _configured_first_stage(config)
+    path = configured.get("path")
+    source = source or (path if path not in (None, FROM_MANIFEST, "???") else None)
+    if source is None:
+        raise ValueError(
+            f"{ckpt_path} records no first stage (it predates self-describing checkpoints) and its latent cache "
+            f"({config.model.params.get('latent_stats')}) is not reachable: pass --first-stage <the stage-1 run or "
+            "export that made the cache>, or convert it where the cache is: python scripts/export.py <run> --out <name>")
+    log.warning("%s records no first stage: decoding with %s, unchecked", ckpt_path, source)
+    return load_first_stage(source, use_ema=configured.get("use_ema", True))[0]
+
+
+def _sampling_first_stage(identity: Mapping[str, Any] | None, source: str | None, config: DictConfig,
+                          ckpt_path: Path, allow_mismatch: bool) -> torch.nn.Module:
+    if identity is None:
+        return _unrecorded_first_stage(source, config, ckpt_path)
+    model, info = load_recorded_first_stage(identity, source)
+    problem = first_stage_mismatch(identity, info)
+    if problem and not allow_mismatch:
+        raise ValueError(f"{ckpt_path}: {problem}. Decode with the first stage that made the latents "
+                         "(--first-stage), or pass --allow-first-stage-mismatch to decode anyway")
+    if problem:
+        log.warning("%s: %s; decoding anyway (--allow-first-stage-mismatch)", ckpt_path, problem)
+    return model
+
+
+def _check_ema_choice(ckpt_path: Path, record: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                      use_ema: bool) -> None:
+    """An export holds one UNet: asking for the other one is an error, never a silent swap."""
+    exported = record.get("weights")
+    if exported == "ema" and not use_ema:
+        raise ValueError(f"{ckpt_path} is an export of the EMA UNet and holds no raw weights, so --no-ema cannot "
+                         "apply: sample the training run (logs/<run>), or export the raw UNet with "
+                         "scripts/export.py --no-ema")
+    if exported == "raw" and use_ema:
+        log.warning("%s holds the raw UNet (exported with --no-ema): sampling with it", ckpt_path)
+    elif exported is None and use_ema and not any(key.startswith("ema.") for key in state):
+        log.warning("%s has no EMA weights; sampling with the raw UNet", ckpt_path)
+
+
+def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch.device = "cpu",
+                   first_stage: str | None = None, allow_first_stage_mismatch: bool = False
+                   ) -> tuple[torch.nn.Module, DictConfig]:
+    """A stage-2 model from a run folder (newest ``configs/*-project.yaml`` + ``checkpoints/last.ckpt``), a
+    ``.ckpt`` inside one, or a ``scripts/export.py`` file, in eval mode on ``device``, built in one pass.
+
+    The checkpoint describes itself: normalisation and latent shape (buffers) and its first stage's identity,
+    so no latent cache is needed. The first stage comes from ``first_stage`` (``--first-stage``, e.g. the
+    stage-1 export) or the recorded checkpoint, and must be the recorded one (SHA-256 and weights; an export
+    counts as its source): else ValueError naming both hashes, or with ``allow_first_stage_mismatch`` a warning.
     """
     config_path, ckpt_path = resolve_source(source)
     config = OmegaConf.load(config_path)
-    state = load_state_dict(ckpt_path)
-    params = config.model.params
+    state, record = read_diffusion_checkpoint(ckpt_path)
     missing = [k for k in ("scale_factor", "shift", "latent_shape") if k not in state]
     if missing:
         raise RuntimeError(f"{ckpt_path} has no {missing}: is it a stage-2 (LatentDiffusion) checkpoint?")
-    overrides = {"input": "cached", "latent_stats": None, "scale_factor": float(state["scale_factor"]),
-                 "shift": state["shift"].tolist(), "latent_shape": state["latent_shape"].tolist()}
-    if first_stage is not None:
-        overrides["first_stage"] = {**OmegaConf.to_container(params.get("first_stage") or {}), "path": first_stage}
-    elif (params.get("first_stage") or {}).get("path") == "from_manifest":
-        overrides["first_stage"] = {**OmegaConf.to_container(params.first_stage),
-                                    "path": _manifest_first_stage(params.get("latent_stats"))}
-    # Merged at the root so that interpolations like ${latents} elsewhere in model.params still resolve.
-    model_config = OmegaConf.merge(config, {"model": {"params": overrides}}).model
-    module = instantiate_from_config(model_config, where="model")
+    _check_ema_choice(ckpt_path, record, state, use_ema)
+    identity = _recorded_identity(record, config, ckpt_path)
+    decoder = _sampling_first_stage(identity, first_stage, config, ckpt_path, allow_first_stage_mismatch)
+    # Resolved from the node, so that interpolations like ${latents} in model.params see the whole config.
+    model_config = OmegaConf.to_container(config.model, resolve=True)
+    cls = get_obj_from_str(model_config["target"])
+    module = cls.from_saved(model_config.get("params") or {}, state, decoder, identity)
     load_weights(module, state, strict=True, what=f"stage-2 model from {ckpt_path}")
-    if use_ema and module.ema is None and ckpt_path.suffix != ".safetensors":  # exports hold the EMA UNet
-        log.warning("%s has no EMA weights; sampling with the live UNet", ckpt_path)
     module.use_ema_for_sampling = use_ema
     log.info("loaded %s (config %s)", ckpt_path, config_path.name)
     return module.eval().to(device), config
@@ -171,47 +328,40 @@ def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch
 
 def export_diffusion(source: str | Path, out: str | Path, use_ema: bool = True) -> tuple[Path, Path]:
     """Write a stage-2 model for release: ``<out>.safetensors`` (the EMA UNet in the ``unet.*`` slot by default,
-    plus the normalisation and latent-shape buffers) and ``<out>.yaml`` (the run's config with
-    ``ema_decay: null`` and the first stage's path resolved). ``load_diffusion`` and ``scripts/sample.py`` read
-    it; on another machine pass ``--first-stage`` (e.g. the stage-1 export).
+    plus the normalisation and latent-shape buffers; metadata: the first stage's identity and which UNet) and
+    ``<out>.yaml`` (the run's config with ``ema_decay: null``, no cache, and the identity under ``first_stage``).
+    ``load_diffusion`` and ``scripts/sample.py`` read it; on another machine pass ``--first-stage`` (e.g. the
+    stage-1 export), which is checked against the identity. Exporting a checkpoint made before checkpoints
+    recorded their first stage, where its cache is reachable, writes a self-describing copy.
     """
     from safetensors.torch import save_file
 
     config_path, ckpt_path = resolve_source(source)
-    state = load_state_dict(ckpt_path)
+    config = OmegaConf.load(config_path)
+    state, record = read_diffusion_checkpoint(ckpt_path)
     if "scale_factor" not in state:
         raise RuntimeError(f"{ckpt_path} is not a stage-2 (LatentDiffusion) checkpoint")
+    identity = _recorded_identity(record, config, ckpt_path)
+    if identity is None:
+        log.warning("%s records no first stage: sampling the export will need --first-stage (unchecked)", ckpt_path)
     ema = {"unet." + k[len("ema.module."):]: v for k, v in state.items() if k.startswith("ema.module.")}
     if use_ema and not ema:
-        log.warning("%s has no EMA weights; exporting the live UNet", ckpt_path)
-    weights = "ema" if use_ema and ema else "live"
+        log.warning("%s has no EMA weights; exporting the raw UNet", ckpt_path)
+    weights = "ema" if use_ema and ema else "raw"
     export = {k: v for k, v in state.items() if not k.startswith("ema.")}
     if weights == "ema":
         export.update(ema)
-    config = OmegaConf.load(config_path)
-    params = config.model.params
-    first_stage = OmegaConf.to_container(params.get("first_stage") or {})
-    if first_stage.get("path") == "from_manifest":
-        first_stage["path"] = _manifest_first_stage(params.get("latent_stats"))
-    # The buffers carry the normalisation and shape, so the sidecar needs no cache.
+    first_stage = _configured_first_stage(config)
+    if first_stage.get("path") == FROM_MANIFEST:  # the export travels without the cache
+        first_stage["path"] = (identity or {}).get("ckpt_path")
     config = OmegaConf.merge(config, {"model": {"params": {"ema_decay": None, "latent_stats": None,
-                                                           "first_stage": first_stage or None}}})
+                                                           "first_stage": first_stage or None}},
+                                      FIRST_STAGE_KEY: identity})
     out = Path(out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in export.items()}, str(out),
-              metadata={"source": str(ckpt_path), "weights": weights})
+              metadata={"source": str(ckpt_path), "weights": weights, FIRST_STAGE_KEY: json.dumps(identity)})
     sidecar = out.with_suffix(".yaml")
     OmegaConf.save(config, sidecar)
     log.info("exported %s stage-2 weights of %s to %s (+ %s)", weights, ckpt_path, out, sidecar.name)
     return out, sidecar
-
-
-def _manifest_first_stage(latent_stats: str | None) -> str:
-    from ldm.data.latents import read_latent_stats
-
-    if not latent_stats:
-        raise ValueError("first_stage.path=from_manifest but the config has no latent_stats; pass --first-stage")
-    path = read_latent_stats(latent_stats)["autoencoder"].get("ckpt_path")
-    if not path:
-        raise ValueError(f"{latent_stats}: the manifest records no autoencoder ckpt_path; pass --first-stage")
-    return path

@@ -41,6 +41,15 @@ class EMA(nn.Module):
             b_shadow.copy_(b_live)  # buffers (e.g. spectral-norm vectors) are copied, not averaged
         self.num_updates += 1
 
+    def update_after_each_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The one EMA hook of both stages: ``self.update(model)`` right after every ``optimizer.step()``.
+
+        Tied to the torch optimizer rather than to a loop hook, so it runs once per optimizer step whatever the
+        loop (manual or automatic optimisation, gradient accumulation), and before any callback's
+        ``on_train_batch_end``: a checkpoint saved there already holds this step's EMA, so resume is exact.
+        """
+        optimizer.register_step_post_hook(lambda *_: self.update(model))
+
     def train(self, mode: bool = True) -> "EMA":
         # The shadow model always stays in eval mode (dropout off), whatever the parent does.
         super().train(mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -74,6 +75,11 @@ def maybe_compile(module: torch.nn.Module, enabled: bool) -> None:
         module.compile()
 
 
+def run_seed() -> int:
+    """The run's global seed (``main.py -s``), as ``pl.seed_everything`` exports it to every rank and worker."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def step_generator(seed: int, step: int, micro_batch: int = 0, rank: int = 0, stream: int = 0,
                    device: torch.device | str = "cpu") -> torch.Generator:
     """The one seed formula of the project: a generator seeded from (seed, step, micro-batch, rank, stream).
@@ -102,7 +108,9 @@ def get_obj_from_str(path: str) -> Any:
 
 
 def instantiate_from_config(config: Mapping | DictConfig, where: str = "config", **extra: Any) -> Any:
-    """Build ``target(**params, **extra)`` from a ``{target:, params:}`` mapping.
+    """Build ``target(**params, **extra)`` from a ``{target:, params:}`` mapping, or
+    ``target.from_params(**params, **extra)`` when the class defines that factory (params that name files:
+    the factory reads them, ``__init__`` takes values).
 
     ``where`` is the dotted path of this node in the full config; errors name it, so a bad key in a
     nested config says exactly where to look.
@@ -120,7 +128,7 @@ def instantiate_from_config(config: Mapping | DictConfig, where: str = "config",
     if isinstance(params, DictConfig):
         params = OmegaConf.to_container(params, resolve=True)
     try:
-        return cls(**params, **extra)
+        return getattr(cls, "from_params", cls)(**params, **extra)
     except TypeError as e:
         raise ConfigError(f"{where}: cannot build {config['target']} with params {sorted(params)}: {e}") from e
 

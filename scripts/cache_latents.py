@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from ldm.data.configs import dataset_config, deterministic
 from ldm.data.latent_cache import CacheOptions, cache_latents, merge_manifest
+from ldm.data.manifest import MANIFEST_NAME, Manifest
 from ldm.checkpoints import load_first_stage, resolve_source
 from ldm.util import instantiate_from_config, pick_device
 
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                         precision=args.precision)
     if args.merge_only:
         entry = merge_manifest(args.out, args.split, world)
-        log.info("manifest: %d samples in %d shards, %d skipped -> %s", entry["total"], len(entry["shards"]),
-                 entry["total_skipped"], Path(args.out) / "manifest.json")
+        log.info("manifest: split %r: %s -> %s", args.split, entry.describe(), Path(args.out) / MANIFEST_NAME)
         return
     device = pick_device(args.device, local_rank)
     data_cfg = load_data_config(args)  # fails before the model is built when the data path is wrong
@@ -101,11 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"rank {rank}: wrote {result['written']} samples in {result['shards']} new shards, "
           f"skipped {result['skipped']}, {rate:.1f} img/s", flush=True)
     if entry is not None:
-        s = entry["stats"]
-        print(f"done: split {args.split!r}: {entry['total']} samples in {len(entry['shards'])} shards, "
-              f"{entry['total_skipped']} skipped, latent {entry.get('latent_shape')} {opts.dtype}, "
-              f"scale_factor {s.get('scale_factor', float('nan')):.5g}, shift {s.get('shift', float('nan')):.5g}, "
-              f"~{rate * world:.1f} img/s over {world} process(es) -> {Path(args.out) / 'manifest.json'}", flush=True)
+        manifest = Manifest.read(args.out)
+        print(f"done: split {args.split!r}: {manifest.split(args.split).describe()}; "
+              f"~{rate * world:.1f} img/s over {world} process(es) -> {manifest.path}", flush=True)
     if distributed:
         import torch.distributed as dist
 

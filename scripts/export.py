@@ -6,7 +6,8 @@
     python scripts/sample.py release/ldm_ffhq.safetensors --first-stage release/litevae_b.safetensors ...
 
 The stage is read from the run's config. Loading is strict and needs no pickle (``safetensors``). Stage 1:
-the sidecar holds the autoencoder's ``{target, params}``. Stage 2: the run's config, without EMA and cache.
+the sidecar holds the autoencoder's ``{target, params}``. Stage 2: the run's config, without EMA and cache, and
+the first stage's identity (also in the .safetensors metadata), which sample.py checks --first-stage against.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="stage-1 or stage-2 run folder, or a .ckpt inside one")
     p.add_argument("--out", required=True, help="output path without suffix (writes .safetensors and .yaml)")
-    p.add_argument("--no-ema", action="store_true", help="export the live weights instead of the EMA copy")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA copy")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     target = str(OmegaConf.load(resolve_source(args.source)[0]).model.get("target", ""))

@@ -5,9 +5,14 @@
   python scripts/sample.py logs/<run>/checkpoints/last.ckpt --seeds 0-63 --class 3 --cfg 3
   torchrun --nproc_per_node=8 scripts/sample.py logs/<run> --seeds 0-49999 --batch 125 --precision bf16
 
-The run's saved config names the first stage (override with --first-stage). Every image depends only on its
-seed (and class / prompt): any --batch and any number of processes give the same images. With torchrun each
-rank samples seeds[rank::world] and writes its PNGs; rank 0 then collects them into samples.npz.
+The checkpoint records its first stage (config, checkpoint, SHA-256, EMA/raw weights) and decodes with it, so
+no latent cache is needed; --first-stage gives another copy of it (e.g. the stage-1 export), and whatever is
+loaded must be the recorded first stage (else an error naming both hashes; --allow-first-stage-mismatch turns
+it into a warning).
+
+Every image depends only on its seed (and class / prompt): any --batch and any number of processes give the
+same images. With torchrun each rank samples seeds[rank::world] and writes its PNGs; rank 0 then collects them
+into samples.npz.
 """
 from __future__ import annotations
 
@@ -41,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dpmpp2m: DPM-Solver++(2M), deterministic, accurate in fewer steps than DDIM")
     p.add_argument("--class", dest="class_label", type=int, help="class for all samples (default: seed %% classes)")
     p.add_argument("--prompt", help="text prompt (text-conditional models)")
-    p.add_argument("--first-stage", help="first-stage run folder / ckpt, overriding the run's config")
-    p.add_argument("--no-ema", action="store_true", help="use the live UNet instead of the EMA copy")
+    p.add_argument("--first-stage", help="stage-1 run folder / .ckpt / .safetensors to decode with instead of the "
+                   "recorded path (checked against the checkpoint's record)")
+    p.add_argument("--allow-first-stage-mismatch", action="store_true",
+                   help="decode even if the first stage is not the one the checkpoint records (warns)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the raw UNet instead of the EMA copy (a training checkpoint; an export holds one UNet)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (a torchrun rank uses cuda:LOCAL_RANK)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast for the UNet")
     return p.parse_args(argv)
@@ -68,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
     seeds = parse_seeds(args.seeds)
     out = Path(args.out) if args.out else default_out(args)
-    module, _ = load_diffusion(args.source, use_ema=not args.no_ema, device=device, first_stage=args.first_stage)
+    try:
+        module, _ = load_diffusion(args.source, use_ema=not args.no_ema, device=device, first_stage=args.first_stage,
+                                   allow_first_stage_mismatch=args.allow_first_stage_mismatch)
+    except (ValueError, FileNotFoundError) as err:  # a wrong or missing first stage, --no-ema on an export
+        raise SystemExit(f"error: {err}") from None
 
     mine = seeds[rank::world]
     if mine:

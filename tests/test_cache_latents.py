@@ -139,7 +139,7 @@ def test_load_first_stage_sources(run_dir, tmp_path):
     assert all(torch.equal(v, ema_ref[k]) for k, v in model.state_dict().items())
     assert info["sha256"] == hashlib.sha256((run_dir / "checkpoints" / "last.ckpt").read_bytes()).hexdigest()
     live, live_info = load_first_stage(run_dir / "checkpoints" / "last.ckpt", use_ema=False)
-    assert live_info["weights"] == "live"
+    assert live_info["weights"] == "raw"
     assert not torch.equal(live.encoder.extractors[0].in_layer.weight, model.encoder.extractors[0].in_layer.weight)
     # An exported .safetensors (plain state dict) with its config sidecar.
     save_file(model.state_dict(), tmp_path / "ae.safetensors")
@@ -221,6 +221,15 @@ def test_resampled_reader_is_reproducible_with_a_seed(cache):
     assert keys(3) == keys(3) and len(keys(3)) == 12
 
 
+def test_shuffled_reader_is_reproducible_with_a_seed(cache):
+    """The sample shuffle buffer draws from the seed too: the same seed gives the same key order."""
+    def keys(seed):
+        return [s["key"] for s in LatentShards(str(cache), shuffle=10, seed=seed)]
+    first = keys(3)
+    assert keys(3) == first and len(first) == N_GOOD
+    assert keys(4) != first and sorted(keys(4)) == sorted(first)
+
+
 def test_reader_epoch_length_and_worker_split(cache):
     ds = LatentShards(str(cache), shuffle=0, epoch_length=7)
     assert len(ds) == 7 and len(list(ds)) == 7
@@ -257,6 +266,52 @@ def test_two_ranks_without_process_group(tmp_path, model, dataset, images):
     r0, r1 = read_tars(out, "train-r00-*.tar"), read_tars(out, "train-r01-*.tar")
     assert not set(r0) & set(r1) and set(r0) | set(r1) == good_keys(images)
     assert entry["total"] == N_GOOD and entry["world_size"] == 2 and entry["total_skipped"] == 1
+
+
+def test_records_map_each_sample_to_its_shard():
+    from types import SimpleNamespace
+
+    from ldm.data.latent_cache import IndexedRecords, StreamRecords
+
+    # Map-style: rank 1 of 2 owns indices 1, 3, 5, 7, 9 -> shards [1, 3], [5, 7], [9]; shard 0 is complete.
+    indexed = IndexedRecords(list(range(10)), 2, rank=1, world=2, complete=lambda i: i == 0)
+    assert indexed.num_shards == 3 and indexed.source.indices == [5, 7, 9]
+    records = [{"index": 5, "sample": {}}, {"index": 7, "sample": None}, {"index": 9, "sample": {}}]
+    assert [(shard, row) for shard, _, row in indexed.items(records)] == [(1, 0), (1, None), (2, 1)]
+    # Streaming: shards of 3, the first two complete, so positions 0-5 are read again and dropped.
+    stream_ds = SimpleNamespace(skipped=1)
+    stream = StreamRecords(stream_ds, 3, complete=lambda i: i < 2)
+    batch = [{"index": None, "sample": {}}] * 4
+    assert stream.items(batch) == []
+    stream_ds.skipped = 3  # bad samples met in the cached prefix belong to earlier shards
+    assert [(shard, row) for shard, _, row in stream.items(batch)] == [(2, 2), (2, 3)]
+    stream_ds.skipped = 4
+    assert stream.skips.take() == 1 and stream.shard_count(None) == 2 and stream.shard_count(4) == 5
+
+
+def test_shard_writer_alone(tmp_path):
+    from ldm.data.latent_cache import ShardWriter
+
+    mean = torch.arange(24, dtype=torch.float32).reshape(3, 2, 2, 2)
+    good = [{"index": i, "sample": {"key": f"k.{i}"}, "reason": None, "meta": {"source": None, "size": None}}
+            for i in range(3)]
+    bad = {"index": 3, "sample": None, "reason": "broken", "meta": {"source": "x.png", "size": None}}
+    writer = ShardWriter(tmp_path, "train", 0, {"samples_per_shard": 2})
+    writer.write_batch([(0, good[0], 0), (0, good[1], 1), (1, bad, None), (1, good[2], 2)],
+                       (mean, mean / 10, None, None), [3, 8, 8])
+    assert writer.closed == 1 and list(tmp_path.glob("*.tar.tmp"))  # shard 1 is still open
+    writer.close()
+    assert (writer.written, writer.skipped, writer.closed, writer.last_index) == (3, 1, 2, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-r00-000000.json", "train-r00-000000.tar",
+                                                          "train-r00-000001.json", "train-r00-000001.tar"]
+    sides = [json.loads((tmp_path / f"train-r00-00000{i}.json").read_text()) for i in (0, 1)]
+    assert [s["count"] for s in sides] == [2, 1] and sides[0]["plan"] == {"samples_per_shard": 2}
+    assert sides[1]["skipped"] == [{"index": 3, "source": "x.png", "reason": "broken"}]
+    assert sides[0]["stats"]["sum"] == mean[:2].double().sum(dim=(0, 2, 3)).tolist()
+    assert sides[1]["latent_shape"] == [2, 2, 2] and sides[1]["image_shape"] == [3, 8, 8]
+    samples = read_tars(tmp_path)
+    assert set(samples) == {"k.0", "k.1", "k.2"} and samples["k.2"]["shard"] == "train-r00-000001.tar"
+    np.testing.assert_array_equal(samples["k.2"]["std.npy"], mean[2].numpy() / 10)
 
 
 def write_data_yaml(tmp_path: Path, images: Path) -> Path:

@@ -312,3 +312,23 @@ def test_first_stage_changed_since_caching_is_refused(setup, tmp_path):
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="cached with 000000000000"):
         instantiate_from_config(stage2_config(cache, "class")["model"])
+
+
+def test_factory_reads_the_manifest_once_and_init_takes_values(setup, monkeypatch):
+    """``instantiate_from_config`` goes through ``LatentDiffusion.from_params``, which reads the manifest once;
+    ``__init__`` reads no file: the same model from values alone."""
+    import ldm.models.latent_diffusion as module
+
+    reads = []
+    read = module.read_latent_stats
+    monkeypatch.setattr(module, "read_latent_stats", lambda path: reads.append(path) or read(path))
+    config = stage2_config(setup["cache"], "class")["model"]
+    built = instantiate_from_config(config)
+    assert len(reads) == 1 and built.first_stage_identity["sha256"] == read(setup["cache"])["autoencoder"]["sha256"]
+    params = {k: v for k, v in config["params"].items() if k not in ("latent_stats", "first_stage")}
+    by_value = LatentDiffusion(**params, scale_factor=float(built.scale_factor), shift=built.shift.tolist(),
+                               latent_shape=built.latent_shape.tolist())
+    assert len(reads) == 1 and by_value.first_stage is None and by_value.first_stage_identity is None
+    assert by_value.KEEP_ON_INIT_FROM == built.KEEP_ON_INIT_FROM == ("scale_factor", "shift", "latent_shape")
+    with pytest.raises(TypeError, match="from_params"):
+        LatentDiffusion(**params, first_stage={"path": "from_manifest"})

@@ -136,11 +136,12 @@ def test_curves_join_resumed_sessions(tmp_path):
 
 
 def test_manifest_summary_names_splits_and_scale(tmp_path):
-    entry = {"total": 100, "shards": [{"name": "a.tar"}], "total_skipped": 0, "latent_shape": [4, 8, 8],
-             "image_shape": [3, 64, 64], "latent": {"dtype": "float16"},
-             "stats": {"shift": 0.1, "scale_factor": 2.5, "channel_std": [0.4, 0.5]},
-             "autoencoder": {"sha256": "ab" * 32}}
-    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {"train": entry}}))
+    entry = {"total": 100, "shards": [{"name": "a.tar", "rank": 0, "index": 0, "count": 100}], "total_skipped": 0,
+             "skipped": [], "world_size": 1, "latent_shape": [4, 8, 8], "image_shape": [3, 64, 64],
+             "latent": {"dtype": "float16"}, "autoencoder": {"sha256": "ab" * 32},
+             "stats": {"count": 6400, "shift": 0.1, "scale_factor": 2.5, "channel_std": [0.4, 0.5]}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "litevae-latent-cache/1",
+                                                        "splits": {"train": entry}}))
     text = manifest_summary(tmp_path)
     assert "train: 100 samples in 1 shards" in text and "scale_factor 2.5" in text and "[4, 8, 8]" in text
 

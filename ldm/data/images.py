@@ -51,10 +51,11 @@ class SkipCounter:
     def __init__(self, slots: int = 1024):
         self.counts = torch.zeros(slots, dtype=torch.int64).share_memory_()
 
-    def add(self, n: int = 1) -> int:
+    def add(self) -> int:
+        """Count one skip; returns the total so far."""
         info = get_worker_info()
         slot = 0 if info is None else (info.id + 1) % len(self.counts)
-        self.counts[slot] += n
+        self.counts[slot] += 1
         return self.total
 
     @property
@@ -177,8 +178,3 @@ class ImageFolder(Dataset):
     @property
     def bad_files(self) -> list[str]:
         return [self.files[i] for i in torch.nonzero(self._bad).flatten().tolist()]
-
-    def log_summary(self) -> None:
-        if self.skipped:
-            log.warning("%s: skipped %d of %d files as bad: %s", self.root, self.skipped, len(self),
-                        ", ".join(self.bad_files[:10]) + (" ..." if self.skipped > 10 else ""))

@@ -6,7 +6,7 @@ Layout of an output folder (one ``manifest.json`` for all splits)::
                                            [, cls][, txt], json ({"key", "source", "size"})
     {split}-r{rank:02d}-{index:06d}.json   sidecar: count, skipped inputs, latent statistics, run plan
     {split}-r{rank:02d}.done.json          the rank finished: its list of shards
-    manifest.json                          {"format", "splits": {split: {...}}}, written once every rank is done
+    manifest.json                          ``ldm.data.manifest.Manifest``, written once every rank is done
 
 Crash safety: a shard is written to ``.tar.tmp``; its sidecar is written, then the tar is renamed to ``.tar``.
 A shard is complete iff its ``.tar`` exists. Rank ``r`` owns the dataset indices ``range(n)[r::world]`` and
@@ -24,15 +24,16 @@ Normalisation convention: ``z_norm = (z - shift) * scale_factor`` with ``shift``
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
 import subprocess
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -40,9 +41,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
+
 log = logging.getLogger(__name__)
 
-FORMAT = "litevae-latent-cache/1"
 FAIL_AFTER_ENV = "LITEVAE_CACHE_FAIL_AFTER"  # test hook: crash mid-shard after this many shards were closed
 
 
@@ -309,6 +311,153 @@ def existing_plans_check(out: Path, split: str, plan: dict) -> None:
                                f"(e.g. {side.name}); re-run with the same settings or use a new output folder")
 
 
+# ------------------------------------------------------------------------- which record goes to which shard
+# An item is ``(shard index, record, row)``: ``row`` indexes the record's latents in its batch, None for a bad input.
+Item = tuple[int, dict, int | None]
+
+
+class StreamSkips:
+    """The bad samples a streaming dataset dropped (its ``skipped`` counter), each handed out once."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        self.seen = self.now()
+
+    def now(self) -> int:
+        return getattr(self.dataset, "skipped", 0)
+
+    def rebase(self) -> None:
+        """Forget the skips met so far: re-reading an already cached prefix, they belong to earlier shards."""
+        self.seen = self.now()
+
+    def take(self) -> int:
+        now = self.now()
+        new, self.seen = now - self.seen, now
+        return max(new, 0)
+
+
+class IndexedRecords:
+    """A map-style dataset: rank ``r`` owns ``range(n)[r::world]``, its shard ``i`` the slice ``[i*N, (i+1)*N)``;
+    only the samples of incomplete shards are read (``source``)."""
+
+    skips = None  # a map-style dataset reports its bad inputs as records
+    finished = False  # re-running a finished rank rewrites its done file
+
+    def __init__(self, dataset: Dataset, n_per: int, rank: int, world: int, complete: Callable[[int], bool]):
+        mine = rank_indices(len(dataset), rank, world)
+        self.num_shards = (len(mine) + n_per - 1) // n_per
+        self.shard_of = {idx: p // n_per for p, idx in enumerate(mine)}
+        pending = {i for i in range(self.num_shards) if not complete(i)}
+        self.source = IndexedSource(dataset, [idx for idx in mine if self.shard_of[idx] in pending])
+        self.total: int | None = len(self.source)
+
+    def items(self, records: list[dict]) -> list[Item]:
+        rows = itertools.count()
+        return [(self.shard_of[r["index"]], r, None if r["sample"] is None else next(rows)) for r in records]
+
+    def shard_count(self, last_index: int | None) -> int:
+        return self.num_shards
+
+
+class StreamRecords:
+    """A streaming dataset: shard ``i`` is the ``i``-th run of N good samples of the rank's (unshuffled) stream.
+    Complete shards form a prefix, which a resumed run reads again and drops."""
+
+    total = None
+
+    def __init__(self, dataset: IterableDataset, n_per: int, complete: Callable[[int], bool],
+                 num_shards: int | None = None):
+        """``num_shards``: known when an earlier run got to the end (its done file)."""
+        self.source, self.skips = StreamSource(dataset), StreamSkips(dataset)
+        self.n_per, self.num_shards = n_per, num_shards
+        offset = 0
+        while complete(offset):
+            offset += 1
+        self.first, self.position, self.started = offset * n_per, 0, False
+        self.finished = num_shards is not None and offset >= num_shards
+
+    def items(self, records: list[dict]) -> list[Item]:
+        start, self.position = self.position, self.position + len(records)
+        kept = [(p // self.n_per, r, row) for row, (p, r) in enumerate(zip(range(start, self.position), records))
+                if p >= self.first]
+        if kept and not self.started:
+            self.started = True
+            if self.first > 0:
+                self.skips.rebase()
+        return kept
+
+    def shard_count(self, last_index: int | None) -> int:
+        """From the done file of an earlier run, else as far as this one got."""
+        if self.num_shards is not None:
+            return self.num_shards
+        return last_index + 1 if last_index is not None else self.first // self.n_per
+
+
+# ------------------------------------------------------------------------------------------- shard writer
+class ShardWriter:
+    """Writes items into shard files: a shard opens at its first item and closes (sidecar, then rename) when an
+    item of another shard comes, or at ``close``. Counts what it wrote, skipped and closed."""
+
+    def __init__(self, out: Path, split: str, rank: int, plan: dict, skips: StreamSkips | None = None):
+        self.out, self.split, self.rank, self.plan, self.skips = out, split, rank, plan, skips
+        self.shard: _Shard | None = None
+        self.last_index: int | None = None
+        self.written = self.skipped = self.closed = 0
+        self.fail_after = int(os.environ[FAIL_AFTER_ENV]) if os.environ.get(FAIL_AFTER_ENV) else None
+
+    def write_batch(self, items: list[Item], encoded: tuple | None, image_shape: list[int] | None) -> None:
+        """One batch: ``encoded`` = ``_encode``'s moments; statistics are added once per (batch, shard)."""
+        stats64 = [t.double().numpy() for t in encoded[:2]] if encoded is not None else None
+        rows: list[int] = []
+        for index, record, row in items:
+            if self.shard is None or self.shard.index != index:
+                self._add_stats(rows, stats64)
+                rows = []
+                self._open(index)
+            if row is None:
+                self._skip(record)
+            else:
+                self._write(record, [t[row] if t is not None else None for t in encoded], image_shape)
+                rows.append(row)
+        self._add_stats(rows, stats64)
+
+    def close(self) -> None:
+        if self.shard is None:
+            return
+        if self.skips is not None:
+            self._stream_skips(self.skips.take())
+        self.shard.close(self.plan)
+        self.shard, self.closed = None, self.closed + 1
+
+    def _open(self, index: int) -> None:
+        self.close()
+        self.shard = _Shard(self.out, shard_name(self.split, self.rank, index), index, self.rank)
+        self.last_index = index
+
+    def _write(self, record: dict, latents: list, image_shape: list[int]) -> None:
+        self.shard.write(_sample_bytes(record, *latents), list(latents[0].shape), image_shape)
+        self.written += 1
+        if self.fail_after is not None and self.closed >= self.fail_after:
+            raise SimulatedCrash(f"{FAIL_AFTER_ENV}={self.fail_after}: simulated crash inside {self.shard.name}")
+
+    def _skip(self, record: dict) -> None:
+        self.shard.skipped.append({"index": record["index"], "source": record["meta"]["source"],
+                                   "reason": record["reason"]})
+        self.skipped += 1
+
+    def _stream_skips(self, new: int) -> None:
+        """Streaming sources drop bad samples themselves; attribute the new ones to the shard being closed."""
+        if new > 0:
+            self.shard.skipped.append({"index": None, "source": None, "count": new, "reason":
+                                       "undecodable sample(s) in the stream (names and errors are in the log)"})
+            self.skipped += new
+
+    def _add_stats(self, rows: list[int], stats64: list[np.ndarray] | None) -> None:
+        if rows:
+            self.shard.stats.update(stats64[0][rows], stats64[1][rows])
+
+
+# ------------------------------------------------------------------------------------------------ a rank
 def cache_rank(model: torch.nn.Module, dataset: Dataset, opts: CacheOptions, rank: int = 0, world: int = 1,
                device: str | torch.device = "cpu", plan_extra: Mapping | None = None,
                progress: bool = False, info: Mapping | None = None) -> dict:
@@ -317,10 +466,27 @@ def cache_rank(model: torch.nn.Module, dataset: Dataset, opts: CacheOptions, ran
     Returns ``{"written", "skipped", "shards", "seconds"}`` for this call (complete shards from an earlier run
     are not counted). Writes ``{split}-r{rank}.done.json`` at the end, holding ``info`` (manifest fields).
     """
-    out, device, n_per = Path(opts.out_dir), torch.device(device), opts.samples_per_shard
+    out, device = Path(opts.out_dir), torch.device(device)
+    plan = _prepare_folder(dataset, opts, rank, world, plan_extra)
+    records = _records(dataset, opts, rank, world)
+    if records.finished:
+        log.info("%s rank %d: all %d shards already complete", opts.split, rank, records.num_shards)
+        return {"written": 0, "skipped": 0, "shards": 0, "seconds": 0.0}
+    writer, t0 = ShardWriter(out, opts.split, rank, plan, records.skips), time.time()
+    _encode_into(model, records, writer, opts, device, progress, desc=f"{opts.split} r{rank}")
+    num_shards = records.shard_count(writer.last_index)
+    shards = [shard_name(opts.split, rank, i) for i in range(num_shards)]
+    write_json_atomic(out / done_name(opts.split, rank), {"rank": rank, "world_size": world, "num_shards": num_shards,
+                                                          "info": dict(info or {}), "shards": shards})
+    return {"written": writer.written, "skipped": writer.skipped, "shards": writer.closed,
+            "seconds": time.time() - t0}
+
+
+def _prepare_folder(dataset: Dataset, opts: CacheOptions, rank: int, world: int, plan_extra: Mapping | None) -> dict:
+    """The run plan every sidecar records, checked against the shards already there; partial shards removed."""
+    out, streaming = Path(opts.out_dir), isinstance(dataset, IterableDataset)
     out.mkdir(parents=True, exist_ok=True)
-    streaming = isinstance(dataset, IterableDataset)
-    plan = {"world_size": world, "samples_per_shard": n_per, "flip": opts.flip, "dtype": opts.dtype,
+    plan = {"world_size": world, "samples_per_shard": opts.samples_per_shard, "flip": opts.flip, "dtype": opts.dtype,
             "dataset_len": None if streaming else len(dataset), **dict(plan_extra or {})}
     if streaming:
         plan["num_workers"] = opts.num_workers  # the stream order depends on it
@@ -328,121 +494,41 @@ def cache_rank(model: torch.nn.Module, dataset: Dataset, opts: CacheOptions, ran
     for stale in out.glob(f"{opts.split}-r{rank:02d}-*.tar.tmp"):
         log.info("removing partial shard %s from an interrupted run", stale.name)
         stale.unlink()
+    return plan
+
+
+def _records(dataset: Dataset, opts: CacheOptions, rank: int, world: int) -> IndexedRecords | StreamRecords:
+    """What this rank still has to cache, given the complete shards (``.tar`` + sidecar) in the output folder."""
+    out = Path(opts.out_dir)
 
     def complete(i: int) -> bool:
-        return (out / f"{shard_name(opts.split, rank, i)}.tar").exists() and \
-            (out / f"{shard_name(opts.split, rank, i)}.json").exists()
+        name = shard_name(opts.split, rank, i)
+        return (out / f"{name}.tar").exists() and (out / f"{name}.json").exists()
 
-    if streaming:
-        source, offset, total_shards = StreamSource(dataset), 0, None
-        while complete(offset):  # shards of a stream are complete as a prefix
-            offset += 1
-        if (out / done_name(opts.split, rank)).exists():
-            total_shards = json.loads((out / done_name(opts.split, rank)).read_text())["num_shards"]
-        first_position = offset * n_per
-        if total_shards is not None and offset >= total_shards:
-            log.info("%s rank %d: all %d shards already complete", opts.split, rank, total_shards)
-            return {"written": 0, "skipped": 0, "shards": 0, "seconds": 0.0}
-    else:
-        mine = rank_indices(len(dataset), rank, world)
-        total_shards = (len(mine) + n_per - 1) // n_per
-        pending = [i for i in range(total_shards) if not complete(i)]
-        pos_of = {idx: p for p, idx in enumerate(mine)}
-        todo = [mine[p] for i in pending for p in range(i * n_per, min((i + 1) * n_per, len(mine)))]
-        source, first_position = IndexedSource(dataset, todo), 0
-    stats = _run_loop(model, source, opts, rank, device, plan, streaming,
-                      (lambda r, p: p) if streaming else (lambda r, p: pos_of[r["index"]]),
-                      first_position, total_shards, progress)
-    num_shards = stats.pop("num_shards", None) if total_shards is None else total_shards
-    write_json_atomic(out / done_name(opts.split, rank),
-                      {"rank": rank, "world_size": world, "num_shards": num_shards, "info": dict(info or {}),
-                       "shards": [shard_name(opts.split, rank, i) for i in range(num_shards)]})
-    return stats
+    if not isinstance(dataset, IterableDataset):
+        return IndexedRecords(dataset, opts.samples_per_shard, rank, world, complete)
+    done = out / done_name(opts.split, rank)
+    num_shards = json.loads(done.read_text())["num_shards"] if done.exists() else None
+    return StreamRecords(dataset, opts.samples_per_shard, complete, num_shards)
 
 
-def _run_loop(model, source, opts: CacheOptions, rank: int, device: torch.device, plan: dict, streaming: bool,
-              position, first_position: int, total_shards: int | None, progress: bool) -> dict:
-    """The encode/write loop shared by indexed and streaming sources."""
+def _encode_into(model: torch.nn.Module, records: IndexedRecords | StreamRecords, writer: ShardWriter,
+                 opts: CacheOptions, device: torch.device, progress: bool, desc: str) -> None:
+    """Encode the batches of ``records.source`` that hold items to write, and hand those to ``writer``."""
     from tqdm import tqdm
 
-    out, n_per = Path(opts.out_dir), opts.samples_per_shard
-    fail_after = int(os.environ[FAIL_AFTER_ENV]) if os.environ.get(FAIL_AFTER_ENV) else None
-    loader = DataLoader(source, batch_size=opts.batch_size, num_workers=opts.num_workers, shuffle=False,
+    loader = DataLoader(records.source, batch_size=opts.batch_size, num_workers=opts.num_workers, shuffle=False,
                         collate_fn=collate_records, pin_memory=device.type == "cuda")
-    total = None if streaming else len(source)
-    bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{opts.split} r{rank}", dynamic_ncols=True)
-    shard: _Shard | None = None
-    closed, written, skipped, counter, t0 = 0, 0, 0, 0, time.time()
-    skip_base = getattr(source, "dataset", None)
-    skip_seen = getattr(skip_base, "skipped", 0) if streaming else 0
-    for batch in loader:
-        good_positions = []
-        for r in batch["records"]:
-            p = position(r, counter) if streaming else position(r, None)
-            if streaming:
-                counter += 1
-            good_positions.append(p)
-        if streaming and good_positions[-1] < first_position:
+    with tqdm(total=records.total, unit="img", disable=not progress, desc=desc, dynamic_ncols=True) as bar:
+        for batch in loader:
+            items, images = records.items(batch["records"]), batch["image"]
+            if items:
+                encoded = _encode(model, images, opts.flip, opts.precision, device, opts.dtype) \
+                    if images is not None else None
+                writer.write_batch(items, encoded, list(images.shape[1:]) if images is not None else None)
             bar.update(len(batch["records"]))
-            continue
-        encoded = _encode(model, batch["image"], opts.flip, opts.precision, device, opts.dtype) \
-            if batch["image"] is not None else None
-        # Statistics of the stored values, added once per (batch, shard): rows = this batch's rows in `shard`.
-        stats64 = [t.double().numpy() for t in encoded[:2]] if encoded is not None else None
-        j, rows = 0, []
-        for r, p in zip(batch["records"], good_positions):
-            if p < first_position:
-                j += r["sample"] is not None
-                continue
-            index = p // n_per
-            if shard is None and streaming and first_position > 0:
-                # Skips met while re-reading the already cached prefix belong to earlier shards.
-                skip_seen = getattr(skip_base, "skipped", 0)
-            if shard is None or shard.index != index:
-                if shard is not None:
-                    if rows:
-                        shard.stats.update(stats64[0][rows], stats64[1][rows])
-                        rows = []
-                    if streaming:
-                        skipped += _stream_skips(shard, skip_base, skip_seen)
-                        skip_seen = getattr(skip_base, "skipped", 0)
-                    shard.close(plan)
-                    closed += 1
-                shard = _Shard(out, shard_name(opts.split, rank, index), index, rank)
-            if r["sample"] is None:
-                shard.skipped.append({"index": r["index"], "source": r["meta"]["source"], "reason": r["reason"]})
-                skipped += 1
-                continue
-            sample = _sample_bytes(r, *(t[j] if t is not None else None for t in encoded))
-            shard.write(sample, list(encoded[0].shape[1:]), list(batch["image"].shape[1:]))
-            rows.append(j)
-            written += 1
-            j += 1
-            if fail_after is not None and closed >= fail_after:
-                raise SimulatedCrash(f"{FAIL_AFTER_ENV}={fail_after}: simulated crash inside {shard.name}")
-        if rows:
-            shard.stats.update(stats64[0][rows], stats64[1][rows])
-        bar.update(len(batch["records"]))
-        bar.set_postfix(shards=closed, skipped=skipped)
-    if shard is not None:
-        if streaming:
-            skipped += _stream_skips(shard, skip_base, skip_seen)
-        shard.close(plan)
-        closed += 1
-    bar.close()
-    stats = {"written": written, "skipped": skipped, "shards": closed, "seconds": time.time() - t0}
-    if streaming:
-        stats["num_shards"] = (shard.index + 1) if shard is not None else first_position // n_per
-    return stats
-
-
-def _stream_skips(shard: _Shard, dataset: Any, seen: int) -> int:
-    """Streaming sources drop bad samples themselves; attribute the new skips to the shard being closed."""
-    new = getattr(dataset, "skipped", 0) - seen
-    if new > 0:
-        shard.skipped.append({"index": None, "source": None, "count": new,
-                              "reason": "undecodable sample(s) in the stream (names and errors are in the log)"})
-    return max(new, 0)
+            bar.set_postfix(shards=writer.closed, skipped=writer.skipped)
+    writer.close()
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -450,10 +536,10 @@ def ranks_done(out: Path, split: str, world: int) -> bool:
     return all((out / done_name(split, r)).exists() for r in range(world))
 
 
-def merge_manifest(out_dir: str | os.PathLike, split: str, world: int, info: Mapping | None = None) -> dict:
+def merge_manifest(out_dir: str | os.PathLike, split: str, world: int, info: Mapping | None = None) -> SplitEntry:
     """Merge all ranks' sidecars of ``split`` into ``manifest.json`` (atomically); returns the split entry.
 
-    ``info``: extra fields (autoencoder, data, latent...); by default those rank 0 stored in its done file.
+    ``info``: the descriptive fields (``manifest_info``); by default those rank 0 stored in its done file.
     Call once every rank is done.
     """
     out = Path(out_dir)
@@ -462,6 +548,22 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world: int, info: Map
         raise RuntimeError(f"{out}: ranks {missing} of {world} have not finished split {split!r}; re-run them")
     if info is None:
         info = json.loads((out / done_name(split, 0)).read_text()).get("info", {})
+    entry = _merge_split(out, split, world, info)
+    path = out / MANIFEST_NAME
+    manifest = Manifest.read(path) if path.exists() else Manifest(FORMAT, {})
+    sha = entry.autoencoder.get("sha256")
+    for other, e in manifest.splits.items():
+        other_sha = e.autoencoder.get("sha256")
+        if other != split and sha and other_sha and other_sha != sha:
+            raise RuntimeError(f"{path}: split {other!r} was cached with another autoencoder ({other_sha[:12]}) "
+                               f"than {split!r} ({sha[:12]}); use a separate output folder")
+    manifest = replace(manifest, splits={**manifest.splits, split: entry}, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    write_json_atomic(path, manifest.to_dict())
+    return entry
+
+
+def _merge_split(out: Path, split: str, world: int, info: Mapping) -> SplitEntry:
+    """The split's entry from every rank's shard sidecars: shards, counts, skipped inputs, exact statistics."""
     stats, shards, skipped, shapes = LatentStats(), [], [], {}
     for r in range(world):
         for name in json.loads((out / done_name(split, r)).read_text())["shards"]:
@@ -469,26 +571,12 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world: int, info: Map
             if not (out / f"{name}.tar").exists():
                 raise RuntimeError(f"{out}: shard {name}.tar is missing; re-run the same command to finish it")
             stats.merge(LatentStats.from_dict(side["stats"]))
-            shards.append({"name": f"{name}.tar", "rank": r, "index": side["index"], "count": side["count"]})
+            shards.append(ShardEntry(f"{name}.tar", r, side["index"], side["count"]))
             skipped += side["skipped"]
             if side.get("latent_shape") and not shapes:
                 shapes = {"latent_shape": side["latent_shape"], "image_shape": side["image_shape"]}
-    entry = {**dict(info or {}), **shapes, "world_size": world, "shards": shards,
-             "total": sum(s["count"] for s in shards),
-             "total_skipped": sum(s.get("count", 1) for s in skipped), "skipped": skipped,
-             "stats": stats.summary()}
-    path = out / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {"format": FORMAT, "splits": {}}
-    sha = (entry.get("autoencoder") or {}).get("sha256")
-    for other, e in manifest["splits"].items():
-        other_sha = (e.get("autoencoder") or {}).get("sha256")
-        if other != split and sha and other_sha and other_sha != sha:
-            raise RuntimeError(f"{path}: split {other!r} was cached with another autoencoder ({other_sha[:12]}) "
-                               f"than {split!r} ({sha[:12]}); use a separate output folder")
-    manifest["splits"][split] = entry
-    manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    write_json_atomic(path, manifest)
-    return entry
+    return SplitEntry(**info, **shapes, world_size=world, shards=tuple(shards), total=sum(s.count for s in shards),
+                      total_skipped=sum(s.get("count", 1) for s in skipped), skipped=skipped, stats=stats.summary())
 
 
 def manifest_info(model_info: Mapping, opts: CacheOptions, data_config: Mapping | None = None,
@@ -514,7 +602,7 @@ def cache_latents(model: torch.nn.Module, model_info: Mapping, dataset: Dataset,
     """Cache this rank's part, wait for the others (``barrier``), and let rank 0 write the manifest.
 
     Without a process group (``barrier=None``, e.g. ``--rank/--world-size``) whichever rank finds every rank
-    done writes it. Returns ``(this rank's counts, manifest entry or None)``.
+    done writes it. Returns ``(this rank's counts, the split's manifest entry as written (JSON) or None)``.
     """
     info = manifest_info(model_info, opts, data_config, dataset)
     plan_extra = {"ckpt_sha256": model_info.get("sha256"), "split": opts.split}
@@ -523,7 +611,7 @@ def cache_latents(model: torch.nn.Module, model_info: Mapping, dataset: Dataset,
         barrier()
     out, entry = Path(opts.out_dir), None
     if (rank == 0 or barrier is None) and ranks_done(out, opts.split, world):
-        entry = merge_manifest(out, opts.split, world, info)
+        entry = merge_manifest(out, opts.split, world, info).to_dict()
     elif barrier is None:
         log.info("manifest not written yet: not every rank of %d has finished %s; the last one writes it "
                  "(or run with --merge-only)", world, opts.split)

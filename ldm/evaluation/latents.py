@@ -1,45 +1,32 @@
 """Latent diagnostics of a cache: per-channel statistics and MMD to N(0, I) (paper Table 6)."""
 from __future__ import annotations
 
-import io
+import itertools
 import logging
-import random
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from ldm.data.latents import read_manifest
+from ldm.data.latents import LatentShards
+from ldm.data.manifest import Manifest
 from ldm.metrics.mmd import DEFAULT_BANDWIDTHS, mmd_to_standard_normal
 
 log = logging.getLogger(__name__)
 
+
 # ------------------------------------------------------------------------------- latent diagnostics
-def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
-
-
 def read_latent_sample(cache_dir: str | Path, split: str = "train", n: int | None = None, seed: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and stds (float32, (N, C, h, w)) of up to ``n`` cached samples, unflipped, read from
     the split's shards in a seeded random order (so a sample spans shards without reading them all)."""
-    import webdataset as wds
-
-    entry = read_manifest(cache_dir)["splits"].get(split)
-    if entry is None:
-        raise KeyError(f"{cache_dir}/manifest.json has no split {split!r}")
-    urls = [str(Path(cache_dir) / s["name"]) for s in entry["shards"] if s["count"] > 0]
-    random.Random(seed).shuffle(urls)
-    means, stds = [], []
-    for raw in wds.tarfile_samples([{"url": u} for u in urls]):
-        means.append(_npy(raw["mean.npy"]).astype(np.float32))
-        stds.append(_npy(raw["std.npy"]).astype(np.float32))
-        if n is not None and len(means) >= n:
-            break
-    if len(means) < 2:
+    reader = LatentShards(str(cache_dir), split, sample=False, flip=False, scale_factor=1.0, shift=0.0, seed=seed)
+    moments = list(itertools.islice((reader.moments(raw) for raw in reader.samples()), n))
+    if len(moments) < 2:
         raise ValueError(f"{cache_dir}: split {split!r} has fewer than 2 latents")
-    return torch.from_numpy(np.stack(means)), torch.from_numpy(np.stack(stds))
+    means, stds = zip(*moments)
+    return torch.stack(means), torch.stack(stds)
 
 
 def channel_stats(latents: torch.Tensor) -> dict:
@@ -55,15 +42,18 @@ def latent_diagnostics(cache_dir: str | Path, split: str = "train", n: int = 200
     """Per-channel latent statistics (manifest vs recomputed from a sample) and MMD² to N(0, I) (Table 6).
 
     The MMD uses posterior samples z = mean + std·ε (``use_mean``: the means), raw as the encoder emits them
-    (``normalize``: after the manifest's ``(z - shift) * scale_factor``). Repeat ``r`` takes the ``r``-th block
+    (``normalize``: after ``(z - shift) * scale_factor`` with the statistics that normalise every split for
+    stage 2, ``Manifest.normalisation``). Repeat ``r`` takes the ``r``-th block
     of ``n`` latents and a fresh reference draw (seed + r); with too few latents every repeat reuses them all.
     """
-    manifest_stats = read_manifest(cache_dir)["splits"][split]["stats"]
+    manifest = Manifest.read(cache_dir)
+    manifest_stats = manifest.split(split).stats
     means, stds = read_latent_sample(cache_dir, split, n * repeats, seed)
     generator = torch.Generator().manual_seed(seed)
     z = means if use_mean else means + stds * torch.randn(means.shape, generator=generator)
     if normalize:
-        z = (z - manifest_stats["shift"]) * manifest_stats["scale_factor"]
+        norm = manifest.normalisation(split)
+        z = (z - norm.shift) * norm.scale_factor
     enough = len(z) >= n * repeats
     if not enough:
         log.warning("latent diagnostics: %d latents < n*repeats = %d; every repeat uses all %d latents with a "

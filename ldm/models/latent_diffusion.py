@@ -9,8 +9,13 @@ Input modes (``input``):
 
 The first stage (needed for ``live`` and for decoding sample grids) and the text encoder are frozen and
 kept outside the module tree: they are loaded from their own files, never saved in stage-2 checkpoints,
-and never seen by the optimizer or DDP. ``scale_factor``, ``shift`` and ``latent_shape`` are buffers, so
-a checkpoint alone says how to turn samples back into first-stage latents.
+and never seen by the optimizer or DDP. ``scale_factor``, ``shift`` and ``latent_shape`` are buffers, and
+the first stage's identity (config, checkpoint path, SHA-256, ema/raw weights) is saved next to them
+(``on_save_checkpoint``), so a checkpoint alone says how to turn samples back into images, like EDM2's
+snapshots that carry their encoder: sampling needs no latent cache (``ldm.checkpoints.load_diffusion``).
+
+Files are read by the factory ``from_params`` (what ``instantiate_from_config`` calls with ``model.params``:
+the cache manifest, once, and the first stage), never by ``__init__``, which takes values.
 
 Training noise (timesteps, eps, CFG dropout) is drawn from a generator seeded by (seed, step, micro-batch,
 rank), not from the global RNG, so a resumed run continues exactly as an uninterrupted one would.
@@ -24,17 +29,20 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from ldm.data.latents import read_latent_stats
+from ldm.checkpoints import (FIRST_STAGE_KEY, FROM_MANIFEST, first_stage_identity, first_stage_mismatch,
+                             load_first_stage, load_recorded_first_stage)
+from ldm.data.manifest import read_latent_stats
 from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
 from ldm.util import (batch_missing, check_finite, fused_optimizer_kwargs, instantiate_from_config, is_empty_batch,
-                      maybe_compile)
+                      maybe_compile, run_seed, step_generator)
 
 log = logging.getLogger(__name__)
 
 INPUTS = ("cached", "live")
-FROM_MANIFEST = "from_manifest"
+# Config-only params: ``from_params`` turns them into the values ``__init__`` takes.
+FILE_PARAMS = ("first_stage", "latent_stats")
 
 
 def _check_set(params: Mapping[str, Any], where: str = "model.params") -> None:
@@ -46,6 +54,24 @@ def _check_set(params: Mapping[str, Any], where: str = "model.params") -> None:
             raise ValueError(f"{where}.{key} must be set (the config leaves it as ???); pass {where}.{key}=...")
 
 
+def _load_first_stage(config: Mapping | None, cached: Mapping | None) -> tuple[nn.Module | None, dict | None]:
+    """The configured first stage and its identity; it must be the one that made the cached latents."""
+    if not config or not config.get("path"):
+        return None, None
+    if config["path"] == FROM_MANIFEST:
+        if not cached or not cached.get("ckpt_path"):
+            raise ValueError("first_stage.path=from_manifest needs latent_stats pointing at a manifest that "
+                             "records the autoencoder's ckpt_path")
+        model, info = load_recorded_first_stage(cached)
+    else:
+        model, info = load_first_stage(config["path"], use_ema=config.get("use_ema", True))
+    log.info("first stage: %s (%s weights, sha256 %s)", info["ckpt_path"], info["weights"], info["sha256"][:12])
+    problem = first_stage_mismatch(cached, info) if cached else None
+    if problem:  # e.g. the stage-1 run went on after caching: its decoder no longer matches the cached latents
+        raise ValueError(f"{problem}: re-cache, or set first_stage.path to the checkpoint that made the cache")
+    return model, first_stage_identity(info)
+
+
 class LatentDiffusion(pl.LightningModule):
     # Buffers that describe the latents this run trains on, not learned weights: ``main.py --init-from`` keeps
     # the values this run's config set (a fine-tune on another cache uses that cache's normalisation); see
@@ -55,7 +81,8 @@ class LatentDiffusion(pl.LightningModule):
     def __init__(
         self,
         unet_config: Mapping,
-        first_stage: Mapping | None = None,
+        first_stage: nn.Module | None = None,
+        first_stage_identity: Mapping[str, Any] | None = None,
         conditioning: str = "class",
         text_encoder_config: Mapping | None = None,
         schedule: Mapping | None = None,
@@ -64,7 +91,6 @@ class LatentDiffusion(pl.LightningModule):
         cond_drop_prob: float = 0.1,
         ema_decay: float | None = 0.9999,
         input: str = "cached",
-        latent_stats: str | None = None,
         scale_factor: float | None = None,
         shift: float | Sequence[float] | None = None,
         latent_shape: Sequence[int] | None = None,
@@ -84,8 +110,9 @@ class LatentDiffusion(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        _check_set({"unet_config": unet_config, "first_stage": first_stage, "latent_stats": latent_stats,
-                    "text_encoder_config": text_encoder_config})
+        if isinstance(first_stage, Mapping):
+            raise TypeError("first_stage is a module here: build from a {path: ...} config with "
+                            "LatentDiffusion.from_params (what instantiate_from_config calls)")
         if input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
         self.input_mode, self.sample_posterior = input, sample_posterior
@@ -98,8 +125,7 @@ class LatentDiffusion(pl.LightningModule):
         self.latent_key, self.image_key = latent_key, image_key
         self.learning_rate = 1e-4  # set by the CLI from model.base_learning_rate
 
-        stats = read_latent_stats(latent_stats) if latent_stats else {}
-        self._init_normalisation(stats, scale_factor, shift, latent_shape)
+        self._init_normalisation(scale_factor, shift, latent_shape)
         self.unet = instantiate_from_config(unet_config, where="model.params.unet_config")
         self.ema = EMA(self.unet, ema_decay) if ema_decay else None
         maybe_compile(self.unet, compile)  # for CUDA runs; after the EMA copy, state_dict keys unchanged
@@ -107,16 +133,53 @@ class LatentDiffusion(pl.LightningModule):
         self.conditioning = Conditioning(conditioning, getattr(self.unet, "num_classes", None), text_encoder,
                                          cond_drop_prob, label_key, text_key)
         # Frozen helpers live in a plain attribute: not submodules, so not in state_dict / optimizer / DDP.
-        self._frozen: dict[str, nn.Module | None] = {"first_stage": self._load_first_stage(first_stage, stats)}
-        if input == "live" and self._frozen["first_stage"] is None:
+        self._frozen: dict[str, nn.Module | None] = {"first_stage": first_stage}
+        # Saved with the checkpoint (on_save_checkpoint): which first stage made the latents this model learns.
+        self.first_stage_identity = dict(first_stage_identity) if first_stage_identity else None
+        if input == "live" and first_stage is None:
             raise ValueError("input='live' needs a first stage: set model.params.first_stage.path")
-        self._ema_seen_step = -1
+
+    # ------------------------------------------------------------------ factories
+    @classmethod
+    def from_params(cls, first_stage: Mapping | None = None, latent_stats: str | None = None,
+                    **params: Any) -> LatentDiffusion:
+        """Build from the config's ``model.params`` (what ``instantiate_from_config`` calls); the one place that
+        reads files. ``latent_stats`` (a cache folder or its manifest.json, read once) gives the normalisation
+        and latent shape unless set explicitly, and the first stage that made the latents; ``first_stage.path``
+        (``from_manifest``, or a stage-1 run folder / .ckpt / .safetensors) is loaded to decode (and to encode
+        in ``live`` mode) and must be that first stage."""
+        _check_set({"first_stage": first_stage, "latent_stats": latent_stats, **params})
+        stats = read_latent_stats(latent_stats) if latent_stats else {}
+        for key in ("scale_factor", "shift", "latent_shape"):
+            if params.get(key) is None:
+                params[key] = stats.get(key)
+        cached = first_stage_identity(stats["autoencoder"]) if stats.get("autoencoder") else None
+        model, loaded = _load_first_stage(first_stage, cached)
+        return cls(first_stage=model, first_stage_identity=cached or loaded, **params)
+
+    @classmethod
+    def from_saved(cls, params: Mapping[str, Any], buffers: Mapping[str, torch.Tensor],
+                   first_stage: nn.Module | None, first_stage_identity: Mapping[str, Any] | None
+                   ) -> LatentDiffusion:
+        """A trained model from its saved ``model.params`` and checkpoint buffers, without the latent cache:
+        the normalisation and latent shape are the checkpoint's (``ldm.checkpoints.load_diffusion`` reads the
+        files and the first stage)."""
+        values = {key: value for key, value in params.items() if key not in FILE_PARAMS}
+        values.update(input="cached",  # sampling encodes no images
+                      scale_factor=float(buffers["scale_factor"]), shift=buffers["shift"].tolist(),
+                      latent_shape=buffers["latent_shape"].tolist())
+        return cls(first_stage=first_stage, first_stage_identity=first_stage_identity, **values)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[FIRST_STAGE_KEY] = self.first_stage_identity
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming restores the normalisation buffers from the checkpoint: the identity goes with them.
+        if FIRST_STAGE_KEY in checkpoint:
+            self.first_stage_identity = checkpoint[FIRST_STAGE_KEY]
 
     # ------------------------------------------------------------------ construction helpers
-    def _init_normalisation(self, stats: Mapping, scale_factor: float | None, shift: Any,
-                            latent_shape: Sequence[int] | None) -> None:
-        scale = scale_factor if scale_factor is not None else stats.get("scale_factor")
-        shift = shift if shift is not None else stats.get("shift")
+    def _init_normalisation(self, scale: float | None, shift: Any, shape: Sequence[int] | None) -> None:
         if self.input_mode == "live" and (scale is None or shift is None):
             raise ValueError("input='live' needs latent_stats (the cache's manifest.json) or scale_factor and shift, "
                              "so that live batches are normalised exactly like cached ones")
@@ -124,7 +187,6 @@ class LatentDiffusion(pl.LightningModule):
             log.warning("no latent_stats / scale_factor: latents are decoded with scale_factor=1, shift=0")
         self.register_buffer("scale_factor", torch.tensor(float(1.0 if scale is None else scale)))
         self.register_buffer("shift", torch.as_tensor(0.0 if shift is None else shift, dtype=torch.float32).reshape(-1))
-        shape = latent_shape if latent_shape is not None else stats.get("latent_shape")
         # (0, 0, 0) = unknown yet: filled in from the first batch, then saved with the checkpoint.
         self.register_buffer("latent_shape", torch.tensor(list(shape) if shape else [0, 0, 0], dtype=torch.long))
         self.KEEP_ON_INIT_FROM = (("scale_factor",) * (scale is not None) + ("shift",) * (shift is not None)
@@ -138,28 +200,6 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError("conditioning='text' needs model.params.text_encoder_config")
         encoder = instantiate_from_config(config, where="model.params.text_encoder_config")
         return encoder.eval().requires_grad_(False)
-
-    @staticmethod
-    def _load_first_stage(config: Mapping | None, stats: Mapping) -> nn.Module | None:
-        if not config or not config.get("path"):
-            return None
-        from ldm.checkpoints import load_first_stage
-
-        path = config["path"]
-        if path == FROM_MANIFEST:
-            path = (stats.get("autoencoder") or {}).get("ckpt_path")
-            if not path:
-                raise ValueError("first_stage.path=from_manifest needs latent_stats pointing at a manifest that "
-                                 "records the autoencoder's ckpt_path")
-        model, info = load_first_stage(path, use_ema=config.get("use_ema", True))
-        log.info("first stage: %s (%s weights, sha256 %s)", info["ckpt_path"], info["weights"], info["sha256"][:12])
-        cached_sha = (stats.get("autoencoder") or {}).get("sha256")
-        if config["path"] == FROM_MANIFEST and cached_sha and cached_sha != info["sha256"]:
-            # The stage-1 run went on after caching: its decoder no longer matches the cached latents.
-            raise ValueError(f"first stage {info['ckpt_path']} has sha256 {info['sha256'][:12]}, but the latents "
-                             f"were cached with {cached_sha[:12]}: re-cache, or set first_stage.path to the "
-                             "checkpoint that made the cache")
-        return model
 
     def setup(self, stage: str) -> None:
         if self.conditioning.mode == "text":
@@ -215,11 +255,11 @@ class LatentDiffusion(pl.LightningModule):
         return z, cond
 
     def _generator(self, batch_idx: int) -> torch.Generator:
-        trainer = self._trainer
-        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        rank = trainer.global_rank if trainer is not None else 0
-        seed = ((self.noise_seed * 1_000_003 + self.global_step) * 4096 + batch_idx % accumulate) * 1024 + rank
-        return torch.Generator(device=self.device).manual_seed(seed % 2**63)
+        """This micro-batch's training noise: ``ldm.util.step_generator`` seeded by the run's ``--seed`` (exported
+        by ``pl.seed_everything``) plus ``noise_seed``."""
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        seed = run_seed() + self.noise_seed
+        return step_generator(seed, self.global_step, batch_idx % accumulate, self.global_rank, device=self.device)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
@@ -235,13 +275,8 @@ class LatentDiffusion(pl.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        self._ema_seen_step = self.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Once per optimizer step: with gradient accumulation global_step moves only when the optimizer stepped.
-        if self.ema is not None and self.global_step > self._ema_seen_step:
-            self.ema.update(self.unet)
-            self._ema_seen_step = self.global_step
+        if self.ema is not None:
+            self.ema.update_after_each_step(self.unet, self.trainer.optimizers[0])
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.learning_rate, betas=self.betas,

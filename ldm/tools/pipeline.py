@@ -189,15 +189,7 @@ def metric_keys(run_dir: str | Path) -> list[str]:
 
 def manifest_summary(cache_dir: str | Path) -> str:
     """A few lines describing a latent cache's ``manifest.json``: per split counts, shape and statistics."""
-    manifest = json.loads(Path(cache_dir, "manifest.json").read_text())
-    lines = [f"latent cache {cache_dir}:"]
-    for split, e in manifest["splits"].items():
-        s = e.get("stats", {})
-        ae = e.get("autoencoder", {})
-        lines.append(
-            f"  {split}: {e['total']} samples in {len(e['shards'])} shards, {e['total_skipped']} skipped; "
-            f"latent {e.get('latent_shape')} {e.get('latent', {}).get('dtype')} from images {e.get('image_shape')}; "
-            f"shift {s.get('shift', float('nan')):.4g}, scale_factor {s.get('scale_factor', float('nan')):.4g}, "
-            f"channel std {[round(v, 3) for v in s.get('channel_std', [])]}; "
-            f"autoencoder sha256 {str(ae.get('sha256'))[:12]}")
-    return "\n".join(lines)
+    from ldm.data.manifest import Manifest  # here: the ldm.data package imports torch, this module does not
+
+    splits = Manifest.read(cache_dir).splits
+    return "\n".join([f"latent cache {cache_dir}:"] + [f"  {split}: {e.describe()}" for split, e in splits.items()])

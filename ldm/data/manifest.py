@@ -1,0 +1,193 @@
+"""The latent cache's ``manifest.json``: one schema, validated on read, versioned on write.
+
+``{"format": FORMAT, "splits": {split: SplitEntry}, "updated"}``; ``scripts/cache_latents.py`` writes it
+(``ldm.data.latent_cache.merge_manifest``), everything else reads it through ``Manifest.read``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME, VERSION = "litevae-latent-cache", 1
+FORMAT = f"{FORMAT_NAME}/{VERSION}"
+
+
+class ManifestError(ValueError):
+    """A manifest.json that is not one this code wrote: names the file and the bad key."""
+
+
+def _json(kind: type | tuple[type, ...], optional: bool = False, **kw: Any) -> Any:
+    """A dataclass field stored in the JSON, whose value must be a ``kind`` (or null where ``optional``)."""
+    return field(metadata={"kind": kind, "optional": optional}, **kw)
+
+
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number"}
+
+
+def _kind(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(_JSON_NAMES.get(k, k.__name__) for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def _check(data: Any, spec: Mapping[str, tuple[Any, bool, bool]], where: str, strict: bool = True) -> dict:
+    """``data`` checked against ``{key: (kind, required, optional)}``; ``strict``: no other keys."""
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object, got {data!r:.60}")
+    unknown = sorted(set(data) - set(spec)) if strict else []
+    if unknown:
+        raise ManifestError(f"{where}: unknown key(s) {unknown} for format {FORMAT}")
+    for key, (kind, required, optional) in spec.items():
+        if key not in data:
+            if required:
+                raise ManifestError(f"{where}: missing key {key!r}")
+        elif not (data[key] is None and optional) and not isinstance(data[key], kind):
+            raise ManifestError(f"{where}.{key}: expected {_kind(kind)}, got {data[key]!r}")
+    return dict(data)
+
+
+def _values(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """``data`` checked against the JSON fields of dataclass ``cls``."""
+    spec = {f.name: (f.metadata["kind"], f.default is MISSING and f.default_factory is MISSING,
+                     f.metadata["optional"]) for f in fields(cls) if "kind" in f.metadata}
+    return _check(data, spec, where)
+
+
+def _check_stats(stats: dict, where: str) -> None:
+    """What stage 2 normalises with: ``shift`` and ``scale_factor``, once any sample was cached."""
+    number = (int, float)
+    _check(stats, {"count": (int, True, False)}, where, strict=False)
+    if stats["count"] > 0:
+        _check(stats, {"shift": (number, True, False), "scale_factor": (number, True, False)}, where, strict=False)
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str = _json(str)  # the tar file, relative to the cache folder
+    rank: int = _json(int)
+    index: int = _json(int)
+    count: int = _json(int)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitEntry:
+    """One cached split: descriptive fields (``manifest_info``), then shards, counts and statistics."""
+
+    autoencoder: dict = _json(dict, default_factory=dict)  # config, ckpt_path, sha256, weights
+    data: dict = _json(dict, default_factory=dict)
+    latent: dict = _json(dict, default_factory=dict)  # dtype, fields, flip
+    precision: str | None = _json(str, optional=True, default=None)
+    samples_per_shard: int | None = _json(int, optional=True, default=None)
+    git: str | None = _json(str, optional=True, default=None)
+    created: str | None = _json(str, optional=True, default=None)
+    latent_shape: list[int] | None = _json(list, optional=True, default=None)  # None: no sample cached
+    image_shape: list[int] | None = _json(list, optional=True, default=None)
+    world_size: int = _json(int)
+    shards: tuple[ShardEntry, ...] = _json(list)
+    total: int = _json(int)
+    total_skipped: int = _json(int)
+    skipped: list[dict] = _json(list)  # {"index", "source", "reason"[, "count"]} per bad input
+    stats: dict = _json(dict)  # ldm.data.latent_cache.LatentStats.summary()
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "SplitEntry":
+        values = _values(cls, data, where)
+        values["shards"] = tuple(ShardEntry(**_values(ShardEntry, s, f"{where}.shards[{i}]"))
+                                 for i, s in enumerate(values["shards"]))
+        _check_stats(values["stats"], f"{where}.stats")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"shards": [asdict(s) for s in self.shards]}
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self._stat("scale_factor"))
+
+    @property
+    def shift(self) -> float:
+        return float(self._stat("shift"))
+
+    def _stat(self, key: str) -> Any:
+        if self.stats.get("count", 0) == 0:
+            raise ManifestError("a split without cached samples has no latent statistics to normalise with")
+        return self.stats[key]
+
+    def describe(self) -> str:
+        """One line: counts, shapes, normalisation and the autoencoder's hash."""
+        s = self.stats
+        return (f"{self.total} samples in {len(self.shards)} shards, {self.total_skipped} skipped; "
+                f"latent {self.latent_shape} {self.latent.get('dtype')} from images {self.image_shape}; "
+                f"shift {s.get('shift', float('nan')):.4g}, scale_factor {s.get('scale_factor', float('nan')):.4g}, "
+                f"channel std {[round(v, 3) for v in s.get('channel_std', [])]}; "
+                f"autoencoder sha256 {str(self.autoencoder.get('sha256'))[:12]}")
+
+
+def _check_format(value: Any, where: str) -> None:
+    name, _, version = str(value).rpartition("/")
+    if name == FORMAT_NAME and version.isdigit() and int(version) > VERSION:
+        raise ManifestError(f"{where}: format {value!r} is newer than this code reads ({FORMAT}); update the code")
+    if value != FORMAT:
+        raise ManifestError(f"{where}: unknown format {value!r} (this code reads {FORMAT})")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A cache's ``manifest.json``. ``path``: where it was read from (for messages); not stored."""
+
+    format: str = _json(str)
+    splits: dict[str, SplitEntry] = _json(dict)
+    updated: str | None = _json(str, optional=True, default=None)
+    path: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Manifest":
+        """From a cache folder or its ``manifest.json``."""
+        path = Path(path)
+        path = path / MANIFEST_NAME if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"no {path.name} in {path.parent}: is it a latent cache "
+                                    "(scripts/cache_latents.py)? An unfinished cache gets its manifest when the same "
+                                    "command is re-run to the end")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Path | None = None) -> "Manifest":
+        where = str(path or MANIFEST_NAME)
+        values = _values(cls, data, where)
+        _check_format(values["format"], where)
+        splits = {name: SplitEntry.from_dict(e, f"{where}: splits.{name}") for name, e in values["splits"].items()}
+        return cls(values["format"], splits, values.get("updated"), path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "splits": {k: e.to_dict() for k, e in self.splits.items()},
+                "updated": self.updated}
+
+    def split(self, name: str) -> SplitEntry:
+        if name not in self.splits:
+            raise KeyError(f"{self.path or MANIFEST_NAME} has no split {name!r} (has {sorted(self.splits)})")
+        return self.splits[name]
+
+    def normalisation(self, split: str | None = None) -> SplitEntry:
+        """The split whose statistics normalise every split: ``train`` when cached (one normalisation for
+        training, validation, sampling and diagnostics), else ``split``, else the first one."""
+        if not self.splits:
+            raise ManifestError(f"{self.path or MANIFEST_NAME}: the latent cache manifest has no splits")
+        for name in ("train", split):
+            if name in self.splits:
+                return self.splits[name]
+        return next(iter(self.splits.values()))
+
+
+def read_latent_stats(path: str | Path) -> dict[str, Any]:
+    """``{"scale_factor", "shift", "latent_shape", "autoencoder", "manifest"}`` from a cache folder or its
+    manifest.json, of the split that normalises every split (``Manifest.normalisation``)."""
+    manifest = Manifest.read(path)
+    entry = manifest.normalisation()
+    return {"scale_factor": entry.scale_factor, "shift": entry.shift, "latent_shape": entry.latent_shape,
+            "autoencoder": entry.autoencoder, "manifest": str(manifest.path)}
