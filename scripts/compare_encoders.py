@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from ldm.args import check_output_dir, positive_float, positive_int
 from ldm.tools.compare import TINY_FMNIST_ARMS, Arm, CompareOptions, run_comparison
 
 
@@ -35,14 +36,14 @@ def parse_args(argv: list[str] | None = None) -> CompareOptions:
                                                   "validation split is the evaluation reference")
     p.add_argument("--arm", nargs=4, action="append", metavar=("KEY", "LABEL", "AE_CONFIG", "LDM_CONFIG"),
                    help="an encoder to compare (repeat; default: the tiny Fashion-MNIST LiteVAE and SD-VAE)")
-    p.add_argument("--ae-steps", type=int, help="stage-1 steps (the discriminator starts halfway)")
-    p.add_argument("--ae-minutes", type=float, help="stage-1 wall-clock budget per run")
-    p.add_argument("--ldm-steps", type=int, help="stage-2 steps")
-    p.add_argument("--ldm-minutes", type=float, help="stage-2 wall-clock budget per run")
+    p.add_argument("--ae-steps", type=positive_int, help="stage-1 steps (the discriminator starts halfway)")
+    p.add_argument("--ae-minutes", type=positive_float, help="stage-1 wall-clock budget per run")
+    p.add_argument("--ldm-steps", type=positive_int, help="stage-2 steps")
+    p.add_argument("--ldm-minutes", type=positive_float, help="stage-2 wall-clock budget per run")
     p.add_argument("--seeds", default=d.seeds, help="sample seeds (the same for every arm)")
-    p.add_argument("--sample-batch", type=int, default=d.sample_batch)
+    p.add_argument("--sample-batch", type=positive_int, default=d.sample_batch)
     p.add_argument("--detector", default=d.detector, help="auto | inception | random | PATH (FID features)")
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples, help="validation images for PSNR/SSIM/rFID")
+    p.add_argument("--eval-samples", type=positive_int, default=d.eval_samples, help="validation images for PSNR/SSIM/rFID")
     p.add_argument("--no-classifier", action="store_true", help="skip the class accuracy (unlabelled data)")
     p.add_argument("--ae-overrides", nargs="*", default=[], help="key=value overrides for every stage-1 run")
     p.add_argument("--ldm-overrides", nargs="*", default=[], help="key=value overrides for every stage-2 run")
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> CompareOptions:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = parse_args(argv)
+    check_output_dir(opts.out_dir, "--out")
     command = shlex.join(["python", "scripts/compare_encoders.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         report = run_comparison(opts, command=command)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ldm.args import check_output_file, non_negative_int, positive_int
 from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table
 from ldm.checkpoints import load_first_stage, resolve_source
@@ -37,11 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", help="data config YAML (dataset node, DataModule node or project config); "
                                   "default: the stage-1 run's own data config")
     p.add_argument("--split", default="validation", help="data split (data.params.<split>)")
-    p.add_argument("--resolutions", type=int, nargs="+", help="resize the images (antialiased bicubic) to each "
+    p.add_argument("--resolutions", type=positive_int, nargs="+", help="resize the images (antialiased bicubic) to each "
                                                               "of these sides; default: the data's own size")
-    p.add_argument("--max-samples", type=int, help="evaluate the first N images")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--max-samples", type=positive_int, help="evaluate the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the autoencoder")
     p.add_argument("--lpips-weights", help="path to torchvision's vgg16-397923af.pth (else $LITEVAE_VGG16 or the "
@@ -71,13 +72,15 @@ def load_models(args: argparse.Namespace, device: torch.device) -> list[tuple[st
         if info["weights"] in kinds:
             continue
         kinds.add(info["weights"])
-        models.append(("raw" if info["weights"] == "live" else info["weights"], model, info))
+        models.append((info["weights"], model, info))
     return models
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.out:
+        check_output_file(args.out, "--out")
     device = pick_device(args.device)
     try:  # everything that needs a file comes first, so a missing one fails before any compute
         detector = None if args.no_fid else build_detector(args.detector, device)

