@@ -116,7 +116,12 @@ class ThroughputMonitor(pl.Callback):
 
 
 class CheckpointOnSignal(pl.Callback):
-    """Saves ``last.ckpt`` at the next batch boundary after SIGUSR1 (e.g. SLURM's pre-emption warning)."""
+    """Saves ``last.ckpt`` at the next batch boundary after SIGUSR1 (e.g. SLURM's pre-emption warning).
+
+    Under DDP the ranks decide together (one boolean all-reduce per step): saving holds a barrier, so a rank
+    that saved on its own, while another got the signal a batch later or not at all, would desynchronise the
+    collectives and hang the run.
+    """
 
     def __init__(self, ckpt_path: str, sig: int = signal.SIGUSR1):
         self.ckpt_path, self.sig = ckpt_path, sig
@@ -132,7 +137,10 @@ class CheckpointOnSignal(pl.Callback):
         self._requested = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._requested:
+        requested = self._requested
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)  # any rank signalled
+        if requested:
             self._requested = False
-            log.info("signal received: saving %s", self.ckpt_path)
+            log.info("rank %d: saving %s on signal", trainer.global_rank, self.ckpt_path)
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)

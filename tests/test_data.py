@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from ldm.data import (DataModule, FashionMNIST, ImageFolder, ImageTransform, WebDatasetImages,
                       collate_skip_bad, collate_train)
+from ldm.data.sampler import ResumableSampler
 from ldm.util import ConfigError, is_empty_batch
 
 GOOD = ["cat/a.jpg", "cat/b.png", "dog/c_cmyk.jpg", "dog/d_rgba.png", "dog/e_palette.png", "dog/puppies/f16.png"]
@@ -301,7 +302,7 @@ def test_datamodule_from_config(tree, fmnist_root):
 
     dm = instantiate_from_config(data_config(tree, fmnist_root[0]), where="data")
     train = dm.train_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and train.pin_memory is False
+    assert isinstance(train.sampler, ResumableSampler) and train.sampler.shuffle and train.pin_memory is False
     batches = [b for b in train if not is_empty_batch(b)]  # an all-bad training batch is {"all_bad": n}
     assert sum(len(b["key"]) for b in batches) == len(GOOD) and dm.skipped() == {"train": len(BAD)}
     assert all(b["image"].shape[1:] == (3, SIZE, SIZE) for b in batches)
@@ -330,7 +331,7 @@ def test_datamodule_iterable_and_errors(tree, fmnist_root, shards, tmp_path):
     urls, arrays = shards
     dm = DataModule(batch_size=3, train={"target": "ldm.data.WebDatasetImages", "params": {"urls": urls, "size": SIZE}})
     loader = dm.train_dataloader()
-    assert not isinstance(loader.sampler, RandomSampler)
+    assert not isinstance(loader.sampler, (RandomSampler, ResumableSampler))
     assert sorted(k for b in loader for k in b["key"]) == sorted(arrays)
     cfg = data_config(tree, fmnist_root[0])
     cfg.params.train.params.root = str(tmp_path / "missing")

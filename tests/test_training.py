@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -15,10 +16,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from batch_recorder import read_records, recorder_override
 from conftest import LITEVAE_TINY, ROOT, SD_VAE_TINY, STAGE1_TEST_OVERRIDES, subprocess_env
 from ldm import cli
 
 LOSS_TERMS = ["loss", "rec", "lpips", "kl", "wavelet", "gauss", "g_adv", "d_loss", "logits_real", "logits_fake"]
+# Mid-epoch resume runs: 32 images in batches of 4 (8 steps an epoch on one process), no random flip (it draws
+# from the global RNG, which checkpoints do not hold), and nothing saved or validated but what a test asks for.
+RESUME_OVERRIDES = [*STAGE1_TEST_OVERRIDES, "data.params.train.params.limit=32", "data.params.train.params.flip=false",
+                    "lightning.checkpoint.every_n_train_steps=100000", "lightning.trainer.val_check_interval=100000",
+                    "lightning.image_logger.every_n_steps=100000"]
 
 
 def run_dir(logdir: Path) -> Path:
@@ -59,16 +66,29 @@ def test_few_steps_with_discriminator(tmp_path, config):
     assert list((run / "configs").glob("*-project.yaml"))
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _env() -> dict[str, str]:
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"  # for the batch_recorder callback
+    return env
+
+
+def _start(args: list[str], stderr=subprocess.PIPE, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True, **popen)
+
+
+def _run(args: list[str], timeout: float) -> None:
+    out = subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+            tail = proc.stderr.read()[-3000:] if proc.stderr else ""
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{tail}")
         if time.time() > deadline:
             proc.kill()
             raise AssertionError("timed out waiting for training")
@@ -108,6 +128,72 @@ def test_sigusr1_checkpoint_then_kill_then_resume(tmp_path):
     csv_dir = run_dir(logdir) / "csv"
     assert (csv_dir / "metrics.csv").is_file()  # the first session's log survives the resume
     assert list(csv_dir.glob("resumed_*/metrics.csv"))
+
+
+def _batches(records: list[dict]) -> list[tuple[int, list[str]]]:
+    return [(r["step"], r["keys"]) for r in records]
+
+
+@pytest.mark.slow
+def test_sigusr1_mid_epoch_then_kill_then_resume_sees_the_uninterrupted_batches(tmp_path):
+    """A pre-emption checkpoint inside an epoch, SIGKILL, then -r: the resumed run trains on the batches an
+    uninterrupted run with the same seed trains on, in the same order, and ends with bitwise the same weights."""
+    args = ["-t", "-s", "11", *RESUME_OVERRIDES, "lightning.trainer.max_steps=20"]  # two and a half epochs
+    _run(["--base", LITEVAE_TINY, "-l", str(tmp_path / "straight"), *args, *recorder_override(tmp_path / "straight")],
+         timeout=300)
+
+    logdir = tmp_path / "killed"
+    proc = _start(["--base", LITEVAE_TINY, "-l", str(logdir), *args, *recorder_override(tmp_path / "killed")])
+    _wait_for(lambda: any(r["step"] >= 9 for r in read_records(tmp_path / "killed")), proc, timeout=240)
+    proc.send_signal(signal.SIGUSR1)
+    last = run_dir(logdir) / "checkpoints" / "last.ckpt"
+    _wait_for(last.exists, proc, timeout=120)
+    proc.kill()
+    proc.wait()
+    step = load_ckpt(last)["global_step"]
+    assert 8 < step < 16  # inside the second epoch, whose order depends on the epoch
+
+    _run(["-t", "-s", "11", "-r", str(run_dir(logdir)), *recorder_override(tmp_path / "resumed")], timeout=300)
+    before = [b for b in _batches(read_records(tmp_path / "killed")) if b[0] < step]
+    assert before + _batches(read_records(tmp_path / "resumed")) == _batches(read_records(tmp_path / "straight"))
+    straight = load_ckpt(run_dir(tmp_path / "straight") / "checkpoints" / "last.ckpt")["state_dict"]
+    resumed = load_ckpt(last)["state_dict"]
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
+@pytest.mark.slow
+def test_ddp_sigusr1_on_one_rank_saves_on_both_then_resume_gives_each_rank_its_batches(tmp_path):
+    """SIGUSR1 reaches rank 1 only: the ranks agree to save at the same step (rank 0 writes the file, so it took
+    part) and training goes on. Resumed on two processes from that mid-epoch checkpoint, each rank trains on the
+    batches it had after it in the first run."""
+    logdir, keys = tmp_path / "logs", tmp_path / "first"
+    ddp = ["lightning.trainer.accelerator=cpu", "lightning.trainer.devices=2",
+           "lightning.trainer.strategy=ddp_find_unused_parameters_true"]
+    args = ["-t", *RESUME_OVERRIDES, *ddp, "data.params.train.params.limit=64"]  # 8 steps an epoch on each rank
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a pipe nobody reads could fill up and block
+        proc = _start(["--base", LITEVAE_TINY, "-l", str(logdir), *args, "lightning.trainer.max_steps=100000",
+                       *recorder_override(keys)], stderr=stderr, start_new_session=True)
+    try:
+        _wait_for(lambda: any(r["step"] >= 9 for r in read_records(keys, rank=1)), proc, timeout=300)
+        os.kill(read_records(keys, rank=1)[0]["pid"], signal.SIGUSR1)
+        last = run_dir(logdir) / "checkpoints" / "last.ckpt"
+        _wait_for(last.exists, proc, timeout=120)
+        step = load_ckpt(last)["global_step"]
+        _wait_for(lambda: any(r["step"] >= step + 8 for r in read_records(keys, rank=0)), proc, timeout=300)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 0 and the rank 1 it launched
+        proc.wait()
+    log = (tmp_path / "stderr.txt").read_text()
+    assert "rank 0: saving" in log and "rank 1: saving" in log
+    assert 8 < step < 16
+
+    _run(["-t", "-r", str(run_dir(logdir)), f"lightning.trainer.max_steps={step + 8}",
+          *recorder_override(tmp_path / "resumed")], timeout=400)
+    for rank in (0, 1):
+        first = [b for b in _batches(read_records(keys, rank)) if step <= b[0] < step + 8]
+        assert _batches(read_records(tmp_path / "resumed", rank)) == first, rank
+    assert load_ckpt(last)["global_step"] == step + 8
 
 
 @pytest.mark.slow

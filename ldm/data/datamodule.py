@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.images import collate_skip_bad, collate_train
-from ldm.util import instantiate_from_config
+from ldm.data.sampler import ResumableSampler
+from ldm.util import instantiate_from_config, run_seed
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,12 @@ class DataModule(pl.LightningDataModule):
     """Builds the ``train`` / ``validation`` / ``test`` datasets from their configs and serves loaders.
 
     Datasets are built in ``__init__`` so a missing path or bad config fails at start, before any compute.
-    Map-style training sets are shuffled (Lightning swaps in a DistributedSampler under DDP); iterable
-    ones (WebDataset) split themselves by rank and worker and get no sampler. Validation and test are
-    never shuffled. Bad samples are dropped by ``collate_skip_bad``; a batch in which every sample was
-    bad arrives as ``None``, in training as ``{"all_bad": n}`` (``collate_train``: see there why).
+    Map-style training sets are drawn by a ``ResumableSampler`` (shuffled with the run's ``--seed``, split by
+    rank under DDP) whose position is part of the checkpoint (``state_dict``), so a run resumed from a mid-epoch
+    checkpoint sees the same batches as an uninterrupted one; iterable ones (WebDataset) split themselves by
+    rank and worker and get no sampler. Validation and test are never shuffled. Bad samples are dropped by
+    ``collate_skip_bad``; a batch in which every sample was bad arrives as ``None``, in training as
+    ``{"all_bad": n}`` (``collate_train``: see there why).
     """
 
     def __init__(self, batch_size: int, num_workers: int = 0, train: Mapping | Dataset | None = None,
@@ -39,6 +42,8 @@ class DataModule(pl.LightningDataModule):
         self.num_workers, self.shuffle = num_workers, shuffle
         self._pin_memory = pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self._train_sampler: ResumableSampler | None = None
+        self._sampler_state: dict[str, int] | None = None  # from a checkpoint, for the sampler not yet built
         configs = {"train": train, "validation": validation, "test": test}
         self.datasets = {name: self._build(name, cfg) for name, cfg in configs.items() if cfg is not None}
         if not self.datasets:
@@ -74,17 +79,41 @@ class DataModule(pl.LightningDataModule):
             return trainer.strategy.root_device.type == "cuda"
         return torch.cuda.is_available()
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, collate=collate_skip_bad) -> DataLoader:
-        iterable = isinstance(dataset, IterableDataset)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and not iterable,
-                          num_workers=self.num_workers, collate_fn=collate, pin_memory=self.pin_memory,
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: ResumableSampler | None = None,
+                collate=collate_skip_bad) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers and self.num_workers > 0)
 
     def _train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], self.batch_size, self.shuffle, collate=collate_train)
+        dataset = self.datasets["train"]
+        if not isinstance(dataset, IterableDataset) and self._train_sampler is None:
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            self._train_sampler = ResumableSampler(dataset, world, rank, shuffle=self.shuffle, seed=run_seed())
+            if self._sampler_state is not None:
+                self._train_sampler.load_state_dict(self._sampler_state)
+        return self._loader(dataset, self.batch_size, self._train_sampler, collate=collate_train)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
-        return self._loader(self.datasets[split], self.val_batch_size, shuffle=False)
+        return self._loader(self.datasets[split], self.val_batch_size)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Lightning calls this once for each batch its loops take: counting the training ones here (not in the
+        # sampler, which DataLoader workers run ahead of) makes the sampler's position what was trained on.
+        if self._train_sampler is not None and self.trainer.training:
+            self._train_sampler.advance(self.batch_size)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's position; Lightning stores it in every checkpoint."""
+        return {"train_sampler": self._train_sampler.state_dict()} if self._train_sampler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # On resume Lightning calls this before it asks for the train loader, which hands it to the new sampler.
+        self._sampler_state = state.get("train_sampler")
+        if self._train_sampler is not None and self._sampler_state is not None:
+            self._train_sampler.load_state_dict(self._sampler_state)
 
     def skipped(self) -> dict[str, int]:
         """Bad samples skipped so far per split (for datasets that count them; per rank)."""
