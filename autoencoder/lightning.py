@@ -184,7 +184,3 @@ class AutoencoderModule(pl.LightningModule):
         if self.ema is not None:
             images["reconstructions_ema"] = self.ema.module.decode(self.ema.module.encode(x).mode())
         return images
-
-    def inference_model(self, use_ema: bool = True) -> torch.nn.Module:
-        """The autoencoder to encode/decode with after training (EMA weights when available)."""
-        return self.ema.module if (use_ema and self.ema is not None) else self.autoencoder

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import signal
 import time
@@ -14,7 +13,7 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.util import is_empty_batch
+from ldm.util import image_grid, is_empty_batch
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,6 @@ class SetupCallback(pl.Callback):
         path = self.logdir / "configs" / f"{self.now}-project.yaml"
         OmegaConf.save(self.config, path)
         log.info("run folder %s (config saved to %s)", self.logdir, path.name)
-
-
-def to_uint8_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """[-1, 1] NCHW batch → one uint8 CHW grid (sqrt(N) columns by default)."""
-    images = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    return torchvision.utils.make_grid(images, nrow=nrow, padding=2)
 
 
 class ImageLogger(pl.Callback):
@@ -66,7 +58,7 @@ class ImageLogger(pl.Callback):
         out = self.root / split
         out.mkdir(parents=True, exist_ok=True)
         for name, tensor in images.items():
-            grid = to_uint8_grid(tensor)
+            grid = torch.from_numpy(image_grid(tensor)).permute(2, 0, 1)  # CHW for write_png / TensorBoard
             path = out / f"{name}_gs-{trainer.global_step:07d}_e-{trainer.current_epoch:04d}.png"
             torchvision.io.write_png(grid, str(path))
             for logger in trainer.loggers:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ldm.util import image_grid
 
 
 log = logging.getLogger(__name__)
@@ -113,19 +114,6 @@ def read_pngs(folder: str | Path, seeds: Sequence[int]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(Path(folder) / png_name(s)).convert("RGB")) for s in seeds])
 
 
-def make_grid(images: np.ndarray, max_images: int = 64) -> np.ndarray:
-    """The first ``max_images`` images (uint8 NHWC) in a near-square grid with a 2-pixel gap."""
-    images = images[:max_images]
-    n, h, w, c = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = image
-    return grid
-
-
 def write_outputs(outdir: str | Path, images: np.ndarray, seeds: Sequence[int], labels: np.ndarray | None) -> Path:
     """``samples.npz`` (``arr_0`` uint8 NHWC, ``seeds``[, ``labels``]) and ``grid.png`` in ``outdir``."""
     outdir = Path(outdir)
@@ -135,5 +123,5 @@ def write_outputs(outdir: str | Path, images: np.ndarray, seeds: Sequence[int], 
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
     npz = outdir / "samples.npz"
     np.savez(npz, **arrays)
-    Image.fromarray(make_grid(images)).save(outdir / "grid.png")
+    Image.fromarray(image_grid(images[:64])).save(outdir / "grid.png")
     return npz

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -190,3 +191,16 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """The project's one image grid: uint8 NHWC arrays or [-1, 1] float NCHW tensors → one uint8 HWC array
+    (``torchvision.utils.make_grid``), ``nrow`` images per row (default ceil(sqrt(N)): near-square)."""
+    from torchvision.utils import make_grid
+
+    if isinstance(images, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    else:
+        x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(x))))
+    return make_grid(x, nrow=nrow, padding=padding).permute(1, 2, 0).numpy()

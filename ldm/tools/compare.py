@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ldm.tools.pipeline import PY, Pipeline, curve
+from ldm.util import image_grid
 
 log = logging.getLogger(__name__)
 
@@ -295,20 +296,11 @@ def class_grid(npz: str | Path, path: str | Path, per_class: int = 10) -> Path:
     classes = np.unique(labels)
     per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
     rows = [images[labels == c][:per_class] for c in classes]
-    grid = _rows_grid(np.concatenate(rows), len(classes), per_class)
+    grid = image_grid(np.concatenate(rows), nrow=per_class)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
     return path
-
-
-def _rows_grid(images: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarray:
-    n, h, w, c = images.shape
-    grid = np.zeros((rows * (h + gap) + gap, cols * (w + gap) + gap, c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, k = divmod(i, cols)
-        grid[gap + r * (h + gap):gap + r * (h + gap) + h, gap + k * (w + gap):gap + k * (w + gap) + w] = image
-    return grid
 
 
 def last_image(run_dir: str | Path, prefix: str, split: str = "val") -> Path | None:
