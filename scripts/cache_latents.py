@@ -16,8 +16,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ldm.args import check_output_dir, non_negative_int, positive_int
 from ldm.data.configs import dataset_config, deterministic
-from ldm.data.latent_cache import CacheOptions, cache_latents, merge_manifest
+from ldm.data.latent_cache import CacheError, CacheOptions, cache_latents, merge_manifest
 from ldm.data.manifest import MANIFEST_NAME, Manifest
 from ldm.checkpoints import load_first_stage, resolve_source
 from ldm.util import instantiate_from_config, pick_device
@@ -34,18 +35,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   "project config (default: the stage-1 run's own data config)")
     p.add_argument("--split", default="train", help="split to cache (data.params.<split>); names the shards")
     p.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (a torchrun rank uses cuda:LOCAL_RANK)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder autocast")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
     p.add_argument("--flip", action="store_true", help="also store the latents of the flipped image")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA copy")
-    p.add_argument("--rank", type=int, help="this process's rank, without torchrun (no process group)")
-    p.add_argument("--world-size", type=int, help="number of processes, without torchrun")
-    p.add_argument("--merge-only", action="store_true", help="only (re)write manifest.json from finished ranks")
-    return p.parse_args(argv)
+    p.add_argument("--rank", type=non_negative_int, help="this process's rank, without torchrun (no process group)")
+    p.add_argument("--world-size", type=positive_int, help="number of processes, without torchrun")
+    p.add_argument("--merge-only", action="store_true", help="only (re)write manifest.json from finished ranks "
+                                                              "(with --world-size K when K > 1)")
+    args = p.parse_args(argv)
+    check_ranks(p, args)
+    return args
+
+
+def check_ranks(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--rank and --world-size come together (--merge-only takes --world-size alone): neither is silently 0 or 1."""
+    if args.rank is not None and args.world_size is None:
+        p.error(f"--rank {args.rank} needs --world-size")
+    if args.world_size is not None and args.rank is None and not args.merge_only:
+        p.error(f"--world-size {args.world_size} needs --rank: each process caches its part (--rank i --world-size K)")
+    if args.rank is not None and args.rank >= args.world_size:
+        p.error(f"--rank {args.rank} must be < --world-size {args.world_size}")
 
 
 def setup_ranks(args: argparse.Namespace) -> tuple[int, int, int, bool]:
@@ -57,9 +71,7 @@ def setup_ranks(args: argparse.Namespace) -> tuple[int, int, int, bool]:
         # Only a barrier crosses ranks (no tensors), so gloo serves CPU and CUDA runs alike.
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True
-    rank, world = args.rank or 0, args.world_size or 1
-    if not 0 <= rank < world:
-        raise SystemExit(f"--rank {rank} must be in [0, --world-size {world})")
+    rank, world = args.rank or 0, args.world_size or 1  # both or neither given (check_ranks)
     # Streaming sources split shards with webdataset, which reads RANK/WORLD_SIZE without a process group.
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
     return rank, world, 0, False
@@ -75,6 +87,14 @@ def load_data_config(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_output_dir(args.out, "--out")  # before the autoencoder and the data are loaded
+    try:
+        run(args)
+    except CacheError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args: argparse.Namespace) -> None:
     rank, world, local_rank, distributed = setup_ranks(args)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s")

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
-
+from ldm.args import check_output_file, positive_float, positive_int
 from ldm.evaluation import latent_diagnostics, markdown_table
 from ldm.metrics.mmd import DEFAULT_BANDWIDTHS
 
@@ -24,14 +23,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="latent cache folder (with manifest.json)")
     p.add_argument("--split", default="train")
-    p.add_argument("--n", type=int, default=2000, help="latents per MMD estimate")
-    p.add_argument("--bandwidths", type=float, nargs="+", default=list(DEFAULT_BANDWIDTHS))
-    p.add_argument("--repeats", type=int, default=3, help="independent MMD estimates (mean ± std)")
+    p.add_argument("--n", type=positive_int, default=2000, help="latents per MMD estimate (>= 2)")
+    p.add_argument("--bandwidths", type=positive_float, nargs="+", default=list(DEFAULT_BANDWIDTHS))
+    p.add_argument("--repeats", type=positive_int, default=3, help="independent MMD estimates (mean ± std)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-mean", action="store_true", help="posterior means instead of posterior samples")
     p.add_argument("--normalize", action="store_true", help="apply the manifest's shift and scale_factor first")
     p.add_argument("--out", help="results JSON (a markdown table is written next to it, .md)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.n < 2:
+        p.error(f"argument --n: must be >= 2 (the unbiased MMD² needs two latents), got {args.n}")
+    return args
 
 
 def tables(report: dict) -> str:
@@ -48,6 +50,7 @@ def tables(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = check_output_file(args.out, "--out") if args.out else None  # before the latents are read
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = latent_diagnostics(args.cache, args.split, args.n, args.bandwidths, args.repeats, args.seed,
@@ -56,9 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     text = tables(report)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         out.write_text(json.dumps(report, indent=1))
         out.with_suffix(".md").write_text(text)
         print(f"wrote {out} and {out.with_suffix('.md')}")

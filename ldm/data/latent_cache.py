@@ -4,7 +4,7 @@ Layout of an output folder (one ``manifest.json`` for all splits)::
 
     {split}-r{rank:02d}-{index:06d}.tar    samples: __key__, mean.npy, std.npy[, mean_flip.npy, std_flip.npy]
                                            [, cls][, txt], json ({"key", "source", "size"})
-    {split}-r{rank:02d}-{index:06d}.json   sidecar: count, skipped inputs, latent statistics, run plan
+    {split}-r{rank:02d}-{index:06d}.json   sidecar: count, skipped inputs, latent statistics, run plan, keys
     {split}-r{rank:02d}.done.json          the rank finished: its list of shards
     manifest.json                          ``ldm.data.manifest.Manifest``, written once every rank is done
 
@@ -15,6 +15,12 @@ already cached and each sample lands in exactly one shard. Streaming (WebDataset
 shard ``i`` is then the ``i``-th run of N good samples of the rank's (unshuffled) stream; keep the number of
 workers when resuming (checked), and note that the stream's bad samples are only counted (the dataset drops
 them), attributed to the shard being written — exactly in a fresh run, approximately after a resume.
+
+Keys: ``__key__ = tar_key(key)`` escapes ``%`` and ``.`` (reversible: ``key_from_tar``; the key as given is also
+in each sample's ``json``), so distinct keys stay distinct; two samples of a split with one key are refused
+while writing (one run) and when merging (all ranks), naming both sources. Before anything is written, a run is
+refused if the folder holds latents of another autoencoder (other splits or this split's shards) or shards of
+this split made with other settings.
 
 Statistics are of the posterior MEAN as stored (after the fp16/fp32 cast), unflipped, in float64 sufficient
 statistics (count, sum, sum of squares, min, max per channel) merged exactly across shards and ranks.
@@ -28,6 +34,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import subprocess
 import tarfile
 import time
@@ -52,6 +59,10 @@ class SimulatedCrash(RuntimeError):
     """Raised by the ``LITEVAE_CACHE_FAIL_AFTER`` test hook."""
 
 
+class CacheError(RuntimeError):
+    """The output folder or the data cannot make one consistent cache (another autoencoder or plan, a key twice)."""
+
+
 # ---------------------------------------------------------------------------------------------- names
 def shard_name(split: str, rank: int, index: int) -> str:
     return f"{split}-r{rank:02d}-{index:06d}"
@@ -61,9 +72,21 @@ def done_name(split: str, rank: int) -> str:
     return f"{split}-r{rank:02d}.done.json"
 
 
+# Caches written before KEY_SCHEME replaced "." by "_" (not reversible: a.b and a_b collided); they still read,
+# since readers take the key from each sample's json.
+KEY_SCHEME = "percent: '%' -> '%25', '.' -> '%2E'"
+_ESCAPED = re.compile("%(25|2E)")
+
+
 def tar_key(key: str) -> str:
-    """A tar-safe ``__key__``: WebDataset splits member names at the first dot, so keys have none."""
-    return str(key).replace(".", "_")
+    """A tar-safe ``__key__``: WebDataset splits member names at the first dot, so dots are escaped, and ``%``
+    too, which makes the escape injective and reversible (``key_from_tar``)."""
+    return str(key).replace("%", "%25").replace(".", "%2E")
+
+
+def key_from_tar(name: str) -> str:
+    """The key that ``tar_key`` escaped into ``name``."""
+    return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), name)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -246,6 +269,7 @@ class _Shard:
         # was half of the writer's time per sample (profile in docs/benchmarks.md); long keys still work.
         self.writer.tarstream.format = tarfile.GNU_FORMAT
         self.stats, self.count, self.skipped = LatentStats(), 0, []
+        self.keys: list[tuple[str, str | None]] = []  # (key, source) per sample: merge checks keys across ranks
         self.latent_shape: list[int] | None = None
         self.image_shape: list[int] | None = None
 
@@ -258,7 +282,7 @@ class _Shard:
         self.writer.close()
         record = {"name": self.name, "rank": self.rank, "index": self.index, "count": self.count,
                   "skipped": self.skipped, "latent_shape": self.latent_shape, "image_shape": self.image_shape,
-                  "stats": self.stats.to_dict(), "plan": plan}
+                  "stats": self.stats.to_dict(), "plan": plan, "keys": self.keys}
         write_json_atomic(self.out / f"{self.name}.json", record)
         os.replace(self.tmp, self.out / f"{self.name}.tar")  # the commit point
         return record
@@ -297,18 +321,57 @@ def _sample_bytes(record: dict, mean, std, mean_f, std_f) -> dict[str, bytes]:
     return out
 
 
+class UniqueKeys:
+    """The tar keys of a split and where each came from: stage 2 cannot read a key twice ("duplicate file name
+    in tar file"), so a second sample with a key already seen is an error naming both sources."""
+
+    def __init__(self, split: str):
+        self.split, self.seen = split, {}
+
+    def add(self, key: str, source: str | None, shard: str) -> None:
+        name, where = tar_key(key), f"{source or 'a sample without a source file'} (shard {shard})"
+        if name in self.seen:
+            raise CacheError(f"split {self.split!r}: two samples have the key {key!r}: {self.seen[name]} and "
+                             f"{where}; keys must be unique within a split: fix the dataset (or its keys) and "
+                             "cache it again into a new folder")
+        self.seen[name] = where
+
+
 def rank_indices(n: int, rank: int, world: int) -> list[int]:
     return list(range(n))[rank::world]
 
 
+def complete_sidecars(out: Path, split: str) -> Iterator[tuple[str, dict]]:
+    """``(shard name, sidecar)`` of the complete shards (``.tar`` + sidecar) of ``split`` in ``out``."""
+    for side in sorted(out.glob(f"{split}-r[0-9][0-9]-[0-9]*.json")):
+        if (out / f"{side.stem}.tar").exists():
+            yield side.stem, json.loads(side.read_text())
+
+
 def existing_plans_check(out: Path, split: str, plan: dict) -> None:
-    """Refuse to mix shards of a different plan (world size, shard size, model...) into one split."""
-    for side in out.glob(f"{split}-r[0-9][0-9]-[0-9]*.json"):
-        other = json.loads(side.read_text()).get("plan", {})
+    """Refuse to mix shards of a different plan (world size, shard size, model, key scheme...) into one split."""
+    for name, side in complete_sidecars(out, split):
+        other = side.get("plan", {})
         diff = {k: (other.get(k), v) for k, v in plan.items() if other.get(k) != v}
-        if diff and (out / f"{side.stem}.tar").exists():
-            raise RuntimeError(f"{out} already holds {split} shards made with different settings {diff} "
-                               f"(e.g. {side.name}); re-run with the same settings or use a new output folder")
+        if diff:
+            raise CacheError(f"{out} already holds {split} shards made with different settings {diff} "
+                             f"(e.g. {name}.tar); re-run with the same settings or use a new output folder")
+
+
+def check_autoencoder(out: Path, split: str, sha256: str | None) -> None:
+    """Refuse to cache ``split`` with an autoencoder other than the one of the folder's other splits (manifest)
+    or of this split's shards already there: stage 2 normalises every split with the train split's statistics,
+    so one folder holds one latent space. Called before anything is written."""
+    path = out / MANIFEST_NAME
+    held = [(f"split {name!r} in {path}", e.autoencoder.get("sha256"))
+            for name, e in (Manifest.read(path).splits.items() if path.exists() else ()) if name != split]
+    held += [(f"shard {out / name}.tar", side.get("plan", {}).get("ckpt_sha256"))
+             for name, side in complete_sidecars(out, split)]
+    for where, other in held:
+        if sha256 and other and other != sha256:
+            raise CacheError(f"{where} was cached with the autoencoder of sha256 {other}, but this one's is "
+                             f"{sha256}; one cache folder holds one autoencoder's latents. Cache {split!r} into "
+                             f"another folder, or with the autoencoder {other[:12]}...")
 
 
 # ------------------------------------------------------------------------- which record goes to which shard
@@ -401,6 +464,7 @@ class ShardWriter:
     def __init__(self, out: Path, split: str, rank: int, plan: dict, skips: StreamSkips | None = None):
         self.out, self.split, self.rank, self.plan, self.skips = out, split, rank, plan, skips
         self.shard: _Shard | None = None
+        self.keys = UniqueKeys(split)  # this run's; merge_manifest checks across runs and ranks
         self.last_index: int | None = None
         self.written = self.skipped = self.closed = 0
         self.fail_after = int(os.environ[FAIL_AFTER_ENV]) if os.environ.get(FAIL_AFTER_ENV) else None
@@ -429,12 +493,21 @@ class ShardWriter:
         self.shard.close(self.plan)
         self.shard, self.closed = None, self.closed + 1
 
+    def abort(self) -> None:
+        """On an error: close the open shard's ``.tar.tmp`` without committing it (a re-run removes it)."""
+        if self.shard is not None:
+            self.shard.writer.close()
+            self.shard = None
+
     def _open(self, index: int) -> None:
         self.close()
         self.shard = _Shard(self.out, shard_name(self.split, self.rank, index), index, self.rank)
         self.last_index = index
 
     def _write(self, record: dict, latents: list, image_shape: list[int]) -> None:
+        key, source = str(record["sample"]["key"]), record["meta"]["source"]
+        self.keys.add(key, source, self.shard.name)
+        self.shard.keys.append((key, source))
         self.shard.write(_sample_bytes(record, *latents), list(latents[0].shape), image_shape)
         self.written += 1
         if self.fail_after is not None and self.closed >= self.fail_after:
@@ -483,14 +556,16 @@ def cache_rank(model: torch.nn.Module, dataset: Dataset, opts: CacheOptions, ran
 
 
 def _prepare_folder(dataset: Dataset, opts: CacheOptions, rank: int, world: int, plan_extra: Mapping | None) -> dict:
-    """The run plan every sidecar records, checked against the shards already there; partial shards removed."""
+    """The run plan every sidecar records, checked against what the folder holds before anything is written;
+    partial shards removed."""
     out, streaming = Path(opts.out_dir), isinstance(dataset, IterableDataset)
-    out.mkdir(parents=True, exist_ok=True)
     plan = {"world_size": world, "samples_per_shard": opts.samples_per_shard, "flip": opts.flip, "dtype": opts.dtype,
-            "dataset_len": None if streaming else len(dataset), **dict(plan_extra or {})}
+            "dataset_len": None if streaming else len(dataset), "tar_keys": KEY_SCHEME, **dict(plan_extra or {})}
     if streaming:
         plan["num_workers"] = opts.num_workers  # the stream order depends on it
+    check_autoencoder(out, opts.split, plan.get("ckpt_sha256"))
     existing_plans_check(out, opts.split, plan)
+    out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{opts.split}-r{rank:02d}-*.tar.tmp"):
         log.info("removing partial shard %s from an interrupted run", stale.name)
         stale.unlink()
@@ -519,15 +594,19 @@ def _encode_into(model: torch.nn.Module, records: IndexedRecords | StreamRecords
 
     loader = DataLoader(records.source, batch_size=opts.batch_size, num_workers=opts.num_workers, shuffle=False,
                         collate_fn=collate_records, pin_memory=device.type == "cuda")
-    with tqdm(total=records.total, unit="img", disable=not progress, desc=desc, dynamic_ncols=True) as bar:
-        for batch in loader:
-            items, images = records.items(batch["records"]), batch["image"]
-            if items:
-                encoded = _encode(model, images, opts.flip, opts.precision, device, opts.dtype) \
-                    if images is not None else None
-                writer.write_batch(items, encoded, list(images.shape[1:]) if images is not None else None)
-            bar.update(len(batch["records"]))
-            bar.set_postfix(shards=writer.closed, skipped=writer.skipped)
+    try:
+        with tqdm(total=records.total, unit="img", disable=not progress, desc=desc, dynamic_ncols=True) as bar:
+            for batch in loader:
+                items, images = records.items(batch["records"]), batch["image"]
+                if items:
+                    encoded = _encode(model, images, opts.flip, opts.precision, device, opts.dtype) \
+                        if images is not None else None
+                    writer.write_batch(items, encoded, list(images.shape[1:]) if images is not None else None)
+                bar.update(len(batch["records"]))
+                bar.set_postfix(shards=writer.closed, skipped=writer.skipped)
+    except BaseException:
+        writer.abort()
+        raise
     writer.close()
 
 
@@ -550,26 +629,24 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world: int, info: Map
         info = json.loads((out / done_name(split, 0)).read_text()).get("info", {})
     entry = _merge_split(out, split, world, info)
     path = out / MANIFEST_NAME
+    check_autoencoder(out, split, entry.autoencoder.get("sha256"))
     manifest = Manifest.read(path) if path.exists() else Manifest(FORMAT, {})
-    sha = entry.autoencoder.get("sha256")
-    for other, e in manifest.splits.items():
-        other_sha = e.autoencoder.get("sha256")
-        if other != split and sha and other_sha and other_sha != sha:
-            raise RuntimeError(f"{path}: split {other!r} was cached with another autoencoder ({other_sha[:12]}) "
-                               f"than {split!r} ({sha[:12]}); use a separate output folder")
     manifest = replace(manifest, splits={**manifest.splits, split: entry}, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json_atomic(path, manifest.to_dict())
     return entry
 
 
 def _merge_split(out: Path, split: str, world: int, info: Mapping) -> SplitEntry:
-    """The split's entry from every rank's shard sidecars: shards, counts, skipped inputs, exact statistics."""
-    stats, shards, skipped, shapes = LatentStats(), [], [], {}
+    """The split's entry from every rank's shard sidecars: shards, counts, skipped inputs, exact statistics;
+    keys checked unique across all shards (sidecars written before keys were recorded are not checked)."""
+    stats, shards, skipped, shapes, keys = LatentStats(), [], [], {}, UniqueKeys(split)
     for r in range(world):
         for name in json.loads((out / done_name(split, r)).read_text())["shards"]:
             side = json.loads((out / f"{name}.json").read_text())
             if not (out / f"{name}.tar").exists():
                 raise RuntimeError(f"{out}: shard {name}.tar is missing; re-run the same command to finish it")
+            for key, source in side.get("keys", []):
+                keys.add(key, source, name)
             stats.merge(LatentStats.from_dict(side["stats"]))
             shards.append(ShardEntry(f"{name}.tar", r, side["index"], side["count"]))
             skipped += side["skipped"]
@@ -589,7 +666,7 @@ def manifest_info(model_info: Mapping, opts: CacheOptions, data_config: Mapping 
                      else None, "transform": repr(getattr(dataset, "transform", None)),
                      "preprocessing": "the dataset's deterministic transform (no flip, center crop), images in "
                                       "[-1, 1]; flipped copies encode the horizontally flipped image"},
-            "latent": {"dtype": opts.dtype, "fields": fields, "flip": opts.flip,
+            "latent": {"dtype": opts.dtype, "fields": fields, "flip": opts.flip, "tar_keys": KEY_SCHEME,
                        "what": "posterior mean and std of q(z|x) per sample, (C, h, w)"},
             "precision": opts.precision, "samples_per_shard": opts.samples_per_shard,
             "git": git_revision(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

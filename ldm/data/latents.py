@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ldm.data.latent_cache import key_from_tar
 from ldm.data.manifest import Manifest
 from ldm.data.shards import ShardStream
 
@@ -69,7 +70,8 @@ class LatentShards(ShardStream):
         z = mean + std * torch.randn(mean.shape, generator=gen) if self.sample else mean
         out: dict[str, Any] = {"latent": (z - self.shift) * self.scale_factor}
         meta = json.loads(raw["json"]) if "json" in raw else {}
-        out["key"] = meta.get("key", raw.get("__key__"))
+        # The json holds the key as given (caches of every key scheme); __key__ is its reversible escape.
+        out["key"] = meta["key"] if "key" in meta else key_from_tar(raw["__key__"])
         if "cls" in raw:
             out["cls"] = int(raw["cls"].decode().strip())
         if "txt" in raw:
