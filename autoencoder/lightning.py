@@ -17,8 +17,8 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim
-from ldm.util import (batch_missing, check_finite, fused_optimizer_kwargs, instantiate_from_config, is_empty_batch,
-                      maybe_compile, run_seed, step_generator)
+from ldm.util import (batch_missing, check_finite, check_range, fused_optimizer_kwargs, instantiate_from_config,
+                      is_empty_batch, maybe_compile, run_seed, step_generator)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ class AutoencoderModule(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        check_range("accumulate_grad_batches", accumulate_grad_batches, 1)
+        check_range("grad_clip", grad_clip, 0, above=True)
+        check_range("ema_decay", ema_decay, 0, 1)
+        for step, size in (train_crop_schedule or {}).items():
+            check_range(f"train_crop_schedule[{step}]", size, 1)
         self.automatic_optimization = False
         self.autoencoder = instantiate_from_config(autoencoder, where="model.params.autoencoder")
         self.loss = instantiate_from_config(loss, where="model.params.loss")

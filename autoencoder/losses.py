@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from autoencoder.posterior import DiagonalGaussian
 from autoencoder.wavelets import haar_dwt
-from ldm.util import instantiate_from_config
+from ldm.util import check_range, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,13 @@ class AutoencoderLoss(nn.Module):
                  discriminator: Mapping[str, Any] | None = None, disc_pixel_weight: float = 1.0,
                  disc_fp32: bool = True):
         super().__init__()
+        for name, value in (("pixel_weight", pixel_weight), ("kl_weight", kl_weight),
+                            ("perceptual_weight", perceptual_weight), ("wavelet_weight", wavelet_weight),
+                            ("gaussian_weight", gaussian_weight), ("disc_weight", disc_weight),
+                            ("disc_start", disc_start), ("disc_pixel_weight", disc_pixel_weight)):
+            check_range(name, value, 0)
+        check_range("charbonnier_eps", charbonnier_eps, 0, above=True)
+        check_range("gaussian_sigma", gaussian_sigma, 0, above=True)
         if pixel_loss not in ("l1", "charbonnier"):
             raise ValueError(f"pixel_loss must be 'l1' or 'charbonnier', got {pixel_loss!r}")
         if disc_loss not in ("hinge", "non_saturating"):

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ldm.callbacks import CheckpointOnSignal, ImageLogger, SetupCallback, ThroughputMonitor
+from ldm.checkpoint_io import AtomicCheckpointIO
 from ldm.util import ConfigError, NonFiniteLossError, instantiate_from_config, load_state_dict, load_weights
 
 log = logging.getLogger("ldm")
@@ -184,8 +185,10 @@ def build_callbacks(config: DictConfig, logdir: Path, now: str) -> list[pl.Callb
     ckpt_cfg = {"every_n_train_steps": 5000, "save_top_k": -1, **(config.lightning.get("checkpoint") or {})}
     callbacks: list[pl.Callback] = [
         SetupCallback(str(logdir), config, now),
+        # No version counter: a run resumed in another folder (copied, moved) rewrites its one last.ckpt rather
+        # than adding last-v1.ckpt beside it; AtomicCheckpointIO makes every rewrite all-or-nothing.
         ModelCheckpoint(dirpath=logdir / "checkpoints", filename="step={step:07d}", save_last=True,
-                        auto_insert_metric_name=False, **ckpt_cfg),
+                        auto_insert_metric_name=False, enable_version_counter=False, **ckpt_cfg),
         ImageLogger(str(logdir), **(config.lightning.get("image_logger") or {})),
         ThroughputMonitor(),
         CheckpointOnSignal(str(logdir / "checkpoints" / "last.ckpt")),
@@ -262,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("initialised weights from %s (optimizers and step start fresh)", opt.init_from)
 
     trainer_kwargs: dict[str, Any] = OmegaConf.to_container(config.lightning.get("trainer") or {}, resolve=True)
+    trainer_kwargs.setdefault("plugins", []).append(AtomicCheckpointIO())
     trainer = pl.Trainer(default_root_dir=str(logdir), logger=build_loggers(config, logdir, run_name, now if opt.resume else None),
                          callbacks=build_callbacks(config, logdir, now), **trainer_kwargs)
     model.learning_rate = effective_lr(config, trainer, opt.scale_lr)

@@ -31,6 +31,8 @@ def parse_seeds(spec: str) -> list[int]:
         if not part:
             continue
         lo, sep, hi = part.partition("-")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise ValueError(f"bad seed {part!r} in {spec!r}: seeds are non-negative integers or ranges like 0-999")
         if sep:
             if int(hi) < int(lo):
                 raise ValueError(f"bad seed range {part!r}: end before start")

@@ -24,6 +24,19 @@ class NonFiniteLossError(RuntimeError):
     """Raised by a LightningModule when a loss is NaN/inf; the run stops and no checkpoint is overwritten."""
 
 
+def check_range(name: str, value: float | None, low: float | None = None, high: float | None = None,
+                above: bool = False) -> None:
+    """A config value out of range is an error at start naming it and its value (``None`` means "not set" and
+    passes): ``low <= value <= high``, or ``low < value`` with ``above``. ``instantiate_from_config`` adds the
+    config path."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if above else value < low)
+    if too_low or (high is not None and value > high):
+        bounds = (f"> {low}" if above else f">= {low}") if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name}={value} is out of range: must be {bounds}")
+
+
 # The key of the batch that ``ldm.data.images.collate_train`` returns when every sample was unreadable.
 ALL_BAD = "all_bad"
 
@@ -132,6 +145,8 @@ def instantiate_from_config(config: Mapping | DictConfig, where: str = "config",
         return getattr(cls, "from_params", cls)(**params, **extra)
     except TypeError as e:
         raise ConfigError(f"{where}: cannot build {config['target']} with params {sorted(params)}: {e}") from e
+    except ConfigError as e:  # a value the class refused (``check_range``): say which config node holds it
+        raise e if str(e).startswith(("model", "data", "lightning")) else ConfigError(f"{where}.params: {e}") from e
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

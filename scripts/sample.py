@@ -23,28 +23,35 @@ import os
 import sys
 from pathlib import Path
 
-
 import torch
 
+from ldm.args import check_output_dir, non_negative_float, non_negative_int, positive_int
+from ldm.checkpoints import load_diffusion
+from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs,
+                          write_pngs)
 from ldm.util import pick_device
 
-from ldm.checkpoints import load_diffusion
-from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, parse_seeds,
-                          read_pngs, write_outputs, write_pngs)
+
+def seed_list(spec: str) -> list[int]:
+    """``--seeds`` parsed at argument time, so a bad list fails naming the flag."""
+    try:
+        return parse_seeds(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="stage-2 run folder, a .ckpt inside one, or a scripts/export.py .safetensors")
     p.add_argument("--out", help="output folder (default: <run>/samples/<checkpoint>_<settings>)")
-    p.add_argument("--seeds", default="0-63", help="e.g. 0-999 or 1,5,7 (inclusive ranges)")
-    p.add_argument("--batch", type=int, default=32, help="samples per forward pass (per process)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the config's sample_steps)")
-    p.add_argument("--eta", type=float, help="DDIM eta (0: deterministic)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1: off; default: the config's)")
+    p.add_argument("--seeds", type=seed_list, default="0-63", help="e.g. 0-999 or 1,5,7 (inclusive ranges)")
+    p.add_argument("--batch", type=positive_int, default=32, help="samples per forward pass (per process)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's sample_steps)")
+    p.add_argument("--eta", type=non_negative_float, help="DDIM eta (0: deterministic)")
+    p.add_argument("--cfg", type=non_negative_float, help="classifier-free guidance scale (1: off; default: the config's)")
     p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp2m"), default="ddim",
                    help="dpmpp2m: DPM-Solver++(2M), deterministic, accurate in fewer steps than DDIM")
-    p.add_argument("--class", dest="class_label", type=int, help="class for all samples (default: seed %% classes)")
+    p.add_argument("--class", dest="class_label", type=non_negative_int, help="class for all samples (default: seed %% classes)")
     p.add_argument("--prompt", help="text prompt (text-conditional models)")
     p.add_argument("--first-stage", help="stage-1 run folder / .ckpt / .safetensors to decode with instead of the "
                    "recorded path (checked against the checkpoint's record)")
@@ -75,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         # Only barriers cross ranks (images travel as PNG files), so gloo serves CPU and CUDA alike.
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    seeds = parse_seeds(args.seeds)
-    out = Path(args.out) if args.out else default_out(args)
+    seeds = args.seeds
+    # Checked before the model is loaded: a bad --out must not cost a whole sampling run.
+    out = check_output_dir(Path(args.out) if args.out else default_out(args), "--out")
     try:
         module, _ = load_diffusion(args.source, use_ema=not args.no_ema, device=device, first_stage=args.first_stage,
                                    allow_first_stage_mismatch=args.allow_first_stage_mismatch)

@@ -153,3 +153,79 @@ def test_unwritable_out_fails_before_any_work(tmp_path, pngs, monkeypatch, scrip
             "eval_autoencoder": ["--ae", str(tmp_path / "no_such_run")]}[script]
     with pytest.raises(SystemExit, match=f"--out {out.parent} is not a writable folder"):
         load_script(script).main(argv + ["--out", str(out)])
+
+
+@pytest.mark.parametrize("base,override,message", [
+    (LDM_TINY, "model.params.cond_drop_prob=1.5", "model.params: cond_drop_prob=1.5 is out of range: must be in [0, 1]"),
+    (LDM_TINY, "model.params.sample_cfg=-2", "model.params: sample_cfg=-2 is out of range: must be >= 0"),
+    (LDM_TINY, "model.params.sample_steps=0", "model.params: sample_steps=0 is out of range: must be >= 1"),
+    (LITEVAE_TINY, "model.params.accumulate_grad_batches=0", "accumulate_grad_batches=0 is out of range"),
+    (LITEVAE_TINY, "model.params.loss.params.kl_weight=-1e-6", "model.params.loss.params: kl_weight=-1e-06 is out"),
+    (LITEVAE_TINY, "data.params.num_workers=-2", "data.params: num_workers=-2 is out of range: must be >= 0"),
+])
+def test_out_of_range_config_values_fail_at_start_naming_node_and_value(tmp_path, base, override, message):
+    from ldm import cli
+    from ldm.util import ConfigError, instantiate_from_config
+
+    with pytest.raises(ConfigError) as info:
+        if base == LDM_TINY:  # the model alone: without a latent cache or first stage to read
+            config = cli.load_config([base], [override, "latents=unused", "model.params.latent_stats=null",
+                                              "model.params.first_stage=null"])
+            instantiate_from_config(config.model, where="model")
+        else:
+            cli.main(["--base", base, "-t", "-l", str(tmp_path / "logs"), override])
+    assert message in str(info.value)
+
+
+def test_resuming_a_copied_run_keeps_one_atomic_last_ckpt(tmp_path, monkeypatch):
+    """A run folder copied elsewhere and resumed there: one last.ckpt (no last-v1.ckpt beside it), written through
+    AtomicCheckpointIO."""
+    import shutil
+
+    import pytorch_lightning as pl
+
+    from conftest import STAGE1_TEST_OVERRIDES
+    from ldm import cli
+    from ldm.checkpoint_io import AtomicCheckpointIO
+
+    io_used = []
+    real_fit = pl.Trainer.fit
+    monkeypatch.setattr(pl.Trainer, "fit", lambda self, *a, **k: io_used.append(type(self.strategy.checkpoint_io))
+                        or real_fit(self, *a, **k))
+    monkeypatch.setenv("LITEVAE_RUN_TIME", "2026-01-01T00-00-00")
+    small = [*STAGE1_TEST_OVERRIDES, "lightning.trainer.val_check_interval=100", "lightning.image_logger.every_n_steps=100"]
+    assert cli.main(["--base", LITEVAE_TINY, "-t", "-l", str(tmp_path / "a"), *small,
+                     "lightning.trainer.max_steps=2"]) == 0
+    run = next((tmp_path / "a").iterdir())
+    copy = tmp_path / "b" / run.name
+    shutil.copytree(run, copy)
+    assert cli.main(["-r", str(copy), "-t", "lightning.trainer.max_steps=4"]) == 0
+    names = sorted(p.name for p in (copy / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not any(n.startswith("last-v") or n.endswith(".tmp") for n in names), names
+    assert io_used == [AtomicCheckpointIO, AtomicCheckpointIO]
+    import torch
+
+    assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 4
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "argument --steps: must be > 0, got 0"),
+    (["--cfg", "-1.5"], "argument --cfg: must be >= 0.0, got -1.5"),
+    (["--eta", "-0.1"], "argument --eta: must be >= 0.0, got -0.1"),
+    (["--batch", "0"], "argument --batch: must be > 0, got 0"),
+    (["--seeds", "9-3"], "argument --seeds: bad seed range '9-3': end before start"),
+    (["--seeds", "-5"], "argument --seeds: bad seed '-5' in '-5': seeds are non-negative"),
+])
+def test_sample_arguments_are_checked_at_parse_time(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("sample").main([str(tmp_path / "no_run"), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sample_unwritable_out_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
+    sample = load_script("sample")
+    monkeypatch.setattr(sample, "load_diffusion", lambda *a, **k: pytest.fail("model loaded before the check"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=f"--out {blocker / 'samples'} is not a writable folder"):
+        sample.main([str(tmp_path / "run"), "--out", str(blocker / "samples")])

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.images import collate_skip_bad, collate_train
 from ldm.data.sampler import ResumableSampler
-from ldm.util import instantiate_from_config, run_seed
+from ldm.util import check_range, instantiate_from_config, run_seed
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ class DataModule(pl.LightningDataModule):
                  val_batch_size: int | None = None, shuffle: bool = True, pin_memory: bool | None = None,
                  persistent_workers: bool | None = None):
         super().__init__()
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"data.params: batch sizes must be positive (batch_size={batch_size}, "
-                             f"val_batch_size={val_batch_size})")
+        check_range("batch_size", batch_size, 1)
+        check_range("val_batch_size", val_batch_size, 1)
+        check_range("num_workers", num_workers, 0)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle = num_workers, shuffle
         self._pin_memory = pin_memory

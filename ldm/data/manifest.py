@@ -145,7 +145,7 @@ class Manifest:
     def read(cls, path: str | Path) -> "Manifest":
         """From a cache folder or its ``manifest.json``."""
         path = Path(path)
-        path = path / MANIFEST_NAME if path.is_dir() else path
+        path = path if path.suffix == ".json" else path / MANIFEST_NAME  # a folder, existing or not
         if not path.is_file():
             raise FileNotFoundError(f"no {path.name} in {path.parent}: is it a latent cache "
                                     "(scripts/cache_latents.py)? An unfinished cache gets its manifest when the same "

@@ -35,8 +35,8 @@ from ldm.data.manifest import read_latent_stats
 from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
-from ldm.util import (batch_missing, check_finite, fused_optimizer_kwargs, instantiate_from_config, is_empty_batch,
-                      maybe_compile, run_seed, step_generator)
+from ldm.util import (batch_missing, check_finite, check_range, fused_optimizer_kwargs, instantiate_from_config,
+                      is_empty_batch, maybe_compile, run_seed, step_generator)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,12 @@ class LatentDiffusion(pl.LightningModule):
                             "LatentDiffusion.from_params (what instantiate_from_config calls)")
         if input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+        for name, value, low, high in (("cond_drop_prob", cond_drop_prob, 0, 1), ("ema_decay", ema_decay, 0, 1),
+                                       ("sample_steps", sample_steps, 1, None), ("sample_cfg", sample_cfg, 0, None),
+                                       ("sample_eta", sample_eta, 0, None), ("weight_decay", weight_decay, 0, None),
+                                       ("lr_warmup_steps", lr_warmup_steps, 0, None)):
+            check_range(name, value, low, high)
+        check_range("min_snr_gamma", min_snr_gamma, 0, above=True)
         self.input_mode, self.sample_posterior = input, sample_posterior
         self.parameterization, self.min_snr_gamma = parameterization, min_snr_gamma
         self.schedule = make_schedule(**dict(schedule or {}))
