@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ldm.args import check_output_dir, non_negative_int, positive_int
+from ldm.tools.args import check_output_dir, non_negative_int, positive_int
 from ldm.data.configs import dataset_config, deterministic
 from ldm.data.latent_cache import CacheError, CacheOptions, cache_latents, merge_manifest
 from ldm.data.manifest import MANIFEST_NAME, Manifest

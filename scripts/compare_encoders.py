@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from ldm.args import check_output_dir, positive_float, positive_int
+from ldm.tools.args import check_output_dir, positive_float, positive_int
 from ldm.tools.compare import TINY_FMNIST_ARMS, Arm, CompareOptions, run_comparison
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ldm.args import check_output_file, non_negative_int, positive_int
+from ldm.tools.args import check_output_file, non_negative_int, positive_int
 from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table
 from ldm.checkpoints import load_first_stage, resolve_source

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ldm.args import check_output_file, non_negative_int, positive_int
+from ldm.tools.args import check_output_file, non_negative_int, positive_int
 from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import (ImageSource, build_detector, evaluate_samples, markdown_table,
                             reference_classifier, reference_stats, source_accuracy)

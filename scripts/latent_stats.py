@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 
-from ldm.args import check_output_file, positive_float, positive_int
+from ldm.tools.args import check_output_file, positive_float, positive_int
 from ldm.evaluation import latent_diagnostics, markdown_table
 from ldm.metrics.mmd import DEFAULT_BANDWIDTHS
 

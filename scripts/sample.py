@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.args import check_output_dir, non_negative_float, non_negative_int, positive_int
+from ldm.tools.args import check_output_dir, non_negative_float, non_negative_int, positive_int
 from ldm.checkpoints import load_diffusion
 from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs,
                           write_pngs)

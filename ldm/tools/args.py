@@ -1,4 +1,4 @@
-"""Command-line checks shared by the scripts: ranged ``argparse`` types and output locations tested before work.
+"""Command-line checks shared by the scripts: ranged ``argparse`` types, and output locations tested before work.
 
 A value out of range fails at parse time with argparse's own message, which names the flag
 (``argument --steps: must be >= 1, got 0``): nothing is silently replaced by a default (``--steps 0`` used to
