@@ -1,5 +1,10 @@
 """LiteVAE encoder (arXiv 2405.14477, spec §1): fixed Haar DWT → three feature UNets → aggregator UNet.
 
+``wavelet`` swaps the Haar front end for any discrete PyWavelets wavelet (``db2``, ``sym4``, ...) with
+boundary mode ``wavelet_mode``; ``autoencoder.wavelets.dwt_pyramid`` crops its bands to the Haar sizes
+(H/2, H/4, H/8; its docstring says how sizes grow with the filter length), so the band channels, the
+networks and the parameter count are those of Haar. ``haar`` (default) keeps the fast path and its numbers.
+
 Differences from the paper's App.-G pseudocode, on purpose (spec §1.6): each level uses its own
 extractor (the pseudocode calls F_1 for level 2), the levels come from one DWT pass (same numbers as
 three separate ``wavedec2`` calls), the encoder's mid blocks are plain GroupNorm ResBlocks (SMC is a
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoencoder.blocks import ResnetBlock
-from autoencoder.wavelets import haar_dwt_pyramid
+from autoencoder.wavelets import discrete_wavelet, dwt_pyramid
 
 DWT_LEVELS = 3
 DOWNSAMPLE_FACTOR = 2**DWT_LEVELS
@@ -95,14 +100,20 @@ class LiteVAEEncoder(nn.Module):
     reproduces the published sizes) or ``"conv"`` (a learned 3×3 conv with stride 4 resp. 2, +2,616
     params for RGB; a stride-4 3×3 kernel skips one row/column in four, kept only as the option the
     paper's "41.425M" hints at, spec §1.3).
+
+    ``wavelet`` / ``wavelet_mode``: the fixed front end (``autoencoder.wavelets.dwt_pyramid``); the mode is
+    ignored by Haar, whose coefficients are the same in every mode. No parameters depend on either.
     """
 
     def __init__(self, z_channels: int = 4, size: str | None = "B", in_channels: int = 3,
                  extractor_channels: int | None = None, extractor_mult: Sequence[int] | None = None,
                  aggregator_channels: int | None = None, aggregator_mult: Sequence[int] | None = None,
                  num_res_blocks: int = 2, dropout: float = 0.0, norm_groups: int = 32,
-                 downsample: str = "avgpool", activation_checkpointing: bool = False):
+                 downsample: str = "avgpool", activation_checkpointing: bool = False,
+                 wavelet: str = "haar", wavelet_mode: str = "symmetric"):
         super().__init__()
+        discrete_wavelet(wavelet, wavelet_mode)  # a bad name fails here, not at the first batch
+        self.wavelet, self.wavelet_mode = wavelet, wavelet_mode
         # Recompute each UNet's activations in backward instead of storing them: training memory of the
         # encoder drops to its inputs, for one extra encoder forward per step (no effect in inference).
         self.activation_checkpointing = activation_checkpointing
@@ -138,12 +149,15 @@ class LiteVAEEncoder(nn.Module):
         if h % DOWNSAMPLE_FACTOR or w % DOWNSAMPLE_FACTOR:
             raise ValueError(f"LiteVAE needs H and W divisible by {DOWNSAMPLE_FACTOR}, got {h}x{w}")
         with torch.no_grad():  # the wavelet front end is fixed; nothing upstream of it needs gradients
-            bands = haar_dwt_pyramid(x, DWT_LEVELS)
+            bands = dwt_pyramid(x, self.wavelet, DWT_LEVELS, self.wavelet_mode)
         # The DWT is exact in fp32; hand the UNets their own parameter dtype (autocast still applies).
         dtype = self.aggregator.in_layer.weight.dtype
         features = [self._to_latent_grid(self._run(f, b.to(dtype)), level)
                     for level, (f, b) in enumerate(zip(self.extractors, bands), start=1)]
         return self._run(self.aggregator, torch.cat(features, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"wavelet={self.wavelet!r}, wavelet_mode={self.wavelet_mode!r}"
 
     def _run(self, net: nn.Module, x: Tensor) -> Tensor:
         if self.activation_checkpointing and torch.is_grad_enabled():
