@@ -1,10 +1,10 @@
 """Loading and exporting trained models of both stages, for inference: the first-stage autoencoder (latent
 caching, LDM decoding) without its training parts, and the stage-2 diffusion model with its first stage.
 
-Sources: a stage-1 run folder (``logs/<run>``), a Lightning ``.ckpt`` inside one, or an exported
-``.safetensors`` with a config sidecar. Only the autoencoder (``model.params.autoencoder``) is built, from
-its ``target:`` strings — never the LightningModule, so no LPIPS/discriminator is constructed, and ``ldm``
-does not import ``autoencoder`` directly.
+Sources: a stage-1 run folder (``logs/<run>``), a Lightning ``.ckpt`` inside one, an exported ``.safetensors``
+with a config sidecar, or a diffusers autoencoder folder (``ldm.first_stage``: AutoencoderKL/DC/Tiny). Only
+the autoencoder (``model.params.autoencoder``) is built, from its ``target:`` strings — never the
+LightningModule, so no LPIPS/discriminator is constructed, and ``ldm`` does not import ``autoencoder`` directly.
 
 Weights are "ema" (the EMA copy) or "raw" (the trained weights themselves, ``autoencoder.*``). A stage-2
 checkpoint describes itself: next to its normalisation buffers it records the identity of the first stage
@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.data.manifest import read_latent_stats
+from ldm.first_stage import DIFFUSERS_TARGET, diffusers_folder, load_diffusers_first_stage
 from ldm.util import (ConfigError, get_obj_from_str, instantiate_from_config, load_state_dict, load_weights,
                       sha256_file)
 
@@ -80,6 +81,9 @@ def _safetensors_config(path: Path) -> Path:
 def resolve_source(source: str | Path) -> tuple[Path, Path]:
     """``(config_path, weights_path)`` for a run folder, a ``.ckpt`` in a run folder, or a ``.safetensors``."""
     path = Path(source).expanduser()
+    if diffusers_folder(path) is not None:
+        raise FileNotFoundError(f"{path} is a diffusers autoencoder folder: it has no project config (data, "
+                                "training); pass the data config explicitly (--data)")
     if path.is_dir():
         return _run_config(path), _run_checkpoint(path)
     if not path.is_file():
@@ -107,10 +111,15 @@ def load_first_stage(source: str | Path | None = None, use_ema: bool = True, dev
                      ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the autoencoder, load its weights strictly, freeze it, put it in eval mode on ``device``.
 
-    Either ``source`` (run folder / ``.ckpt`` / ``.safetensors``), or ``config`` + ``ckpt``.
+    Either ``source`` (run folder / ``.ckpt`` / ``.safetensors`` / diffusers folder), or ``config`` + ``ckpt``.
     Returns ``(model, info)``, ``info = {"config", "ckpt_path", "sha256", "weights"}`` (ema / raw / as stored),
-    plus ``exported_from`` (the source checkpoint's path, SHA-256 and weights) for a ``scripts/export.py`` file.
+    plus ``exported_from`` (the source checkpoint's path, SHA-256 and weights) for a ``scripts/export.py`` file,
+    and ``scaling`` (the config's latent scaling) for a diffusers model, whose weights are always "as stored".
     """
+    folder = _diffusers_location(source, config, ckpt)
+    if folder is not None:
+        expected = autoencoder_config(config) if config is not None else None
+        return load_diffusers_first_stage(folder, device, expected)
     if source is not None:
         config_path, weights_path = resolve_source(source)
         config = OmegaConf.load(config_path) if config is None else config
@@ -131,6 +140,17 @@ def load_first_stage(source: str | Path | None = None, use_ema: bool = True, dev
     if exported_from:
         info["exported_from"] = exported_from
     return model, info
+
+
+def _diffusers_location(source: str | Path | None, config: Mapping | DictConfig | None,
+                        ckpt: str | Path | None) -> Path | None:
+    """The folder of a diffusers first stage: ``source`` is one, or ``config`` + ``ckpt`` record one (the identity's
+    ``target: diffusers.<Class>`` and its weights file); None for our own checkpoints."""
+    if source is not None:
+        return diffusers_folder(source)
+    if config is not None and ckpt is not None and autoencoder_config(config)["target"].startswith(DIFFUSERS_TARGET):
+        return Path(ckpt).expanduser().parent
+    return None
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -205,6 +225,9 @@ def export_first_stage(source: str | Path, out: str | Path, use_ema: bool = True
     """
     from safetensors.torch import save_file
 
+    if diffusers_folder(source) is not None:
+        raise ValueError(f"{source} is a diffusers autoencoder folder, already a release format that "
+                         "load_first_stage reads: use the folder itself")
     model, info = load_first_stage(source, use_ema=use_ema)
     out = Path(out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,16 @@
   python scripts/compare_encoders.py --data configs/data/my.yaml \\
       --arm litevae LiteVAE-B configs/autoencoder/litevae.yaml configs/ldm/my_litevae.yaml \\
       --arm sd_vae SD-VAE configs/autoencoder/sd_vae.yaml configs/ldm/my_sd_vae.yaml
+  python scripts/compare_encoders.py --out outputs/cmp_public \\
+      --arm litevae LiteVAE configs/autoencoder/litevae_tiny.yaml configs/ldm/fmnist_litevae_tiny.yaml \\
+      --arm sd_ft_mse SD-VAE-ft-MSE ~/vae/sd-vae-ft-mse configs/ldm/fmnist_sd_vae_tiny.yaml  # diffusers folder
 
-For every arm: stage 1 (same decoder, loss and steps) -> cache_latents.py (train + validation split of
---data) -> stage 2 (same LDM config and steps) -> sample.py (same seeds) -> eval_autoencoder.py and
-eval_fid.py; then encoder parameters and throughput, and the report: <out>/report.md, plots/, grids/.
-Every command is printed before it runs. Re-running the same command resumes where it stopped (finished
-stages are recorded in <out>/state.json; an interrupted training run continues from its last.ckpt).
+For every arm: stage 1 (same decoder, loss and steps; skipped for a pretrained first stage, used as is: a
+diffusers folder (pip install diffusers), a stage-1 run folder, .ckpt or .safetensors) -> cache_latents.py
+(train + validation split of --data) -> stage 2 (same LDM config and steps) -> sample.py (same seeds) ->
+eval_autoencoder.py and eval_fid.py; then encoder parameters and throughput, and the report: <out>/report.md,
+plots/, grids/. Every command is printed before it runs. Re-running the same command resumes where it stopped
+(finished stages are recorded in <out>/state.json; an interrupted training run continues from its last.ckpt).
 """
 from __future__ import annotations
 
@@ -34,8 +38,10 @@ def parse_args(argv: list[str] | None = None) -> CompareOptions:
     p.add_argument("--out", default=d.out_dir, help="report folder (also holds runs/, latents/, samples/, eval/)")
     p.add_argument("--data", default=d.data, help="data config: its train split is cached for stage 2, its "
                                                   "validation split is the evaluation reference")
-    p.add_argument("--arm", nargs=4, action="append", metavar=("KEY", "LABEL", "AE_CONFIG", "LDM_CONFIG"),
-                   help="an encoder to compare (repeat; default: the tiny Fashion-MNIST LiteVAE and SD-VAE)")
+    p.add_argument("--arm", nargs=4, action="append", metavar=("KEY", "LABEL", "AE", "LDM_CONFIG"),
+                   help="an encoder to compare (repeat; default: the tiny Fashion-MNIST LiteVAE and SD-VAE). AE: a "
+                        "stage-1 config to train, or a pretrained first stage used as is (diffusers folder, "
+                        "stage-1 run folder, .ckpt, .safetensors)")
     p.add_argument("--ae-steps", type=positive_int, help="stage-1 steps (the discriminator starts halfway)")
     p.add_argument("--ae-minutes", type=positive_float, help="stage-1 wall-clock budget per run")
     p.add_argument("--ldm-steps", type=positive_int, help="stage-2 steps")

@@ -1,9 +1,10 @@
 """The downstream encoder comparison behind ``scripts/compare_encoders.py``.
 
-For each encoder ("arm"): train the autoencoder (same decoder, loss and steps), cache its latents, train
-the same LDM on them, sample the same seeds, and evaluate (PSNR/SSIM/rFID; FID/KID and the class accuracy
-of the samples). Every stage is a public command run through ``ldm.tools.pipeline.Pipeline``, so a re-run resumes
-where it stopped. The report (``report.md``, ``plots/``, ``grids/``) is rebuilt from the recorded results.
+For each encoder ("arm"): train the autoencoder (same decoder, loss and steps) or take a pretrained one as is
+(a diffusers folder, stage-1 run folder or checkpoint), cache its latents, train the same LDM on them, sample
+the same seeds, and evaluate (PSNR/SSIM/rFID; FID/KID and the class accuracy of the samples). Every stage is
+a public command run through ``ldm.tools.pipeline.Pipeline``, so a re-run resumes where it stopped. The report
+(``report.md``, ``plots/``, ``grids/``) is rebuilt from the recorded results.
 """
 from __future__ import annotations
 
@@ -23,14 +24,25 @@ from ldm.util import image_grid
 log = logging.getLogger(__name__)
 
 
+# A stage-1 config is a YAML file; anything else ``ldm.checkpoints.load_first_stage`` reads is a trained first stage.
+PRETRAINED_SUFFIXES = (".ckpt", ".safetensors")
+
+
 @dataclass
 class Arm:
-    """One encoder under comparison: its stage-1 config and the stage-2 config trained on its latents."""
+    """One encoder under comparison: its stage-1 config (trained here) or a pretrained first stage (used as is:
+    a diffusers folder, a stage-1 run folder, a ``.ckpt`` or ``.safetensors``), and the stage-2 config trained
+    on its latents."""
 
     key: str  # short name used for folders and stage names
     label: str  # shown in the report
     ae_config: str
     ldm_config: str
+
+    @property
+    def pretrained(self) -> bool:
+        path = Path(self.ae_config).expanduser()
+        return path.is_dir() or path.suffix in PRETRAINED_SUFFIXES
 
 
 TINY_FMNIST_ARMS = [
@@ -94,8 +106,11 @@ def resolve_detector(spec: str) -> str:
 def arm_stages(pipe: Pipeline, arm: Arm, opts: CompareOptions, detector: str) -> dict[str, Any]:
     """Run (or skip, when recorded) every stage of one arm; returns the paths the report needs."""
     out = Path(opts.out_dir)
-    ae_run = pipe.train(f"{arm.key}/stage1", [arm.ae_config], out / "runs", f"{arm.key}_ae",
-                        budget_overrides(opts.ae_steps, opts.ae_minutes, disc_start=True) + opts.ae_overrides)
+    if arm.pretrained:  # nothing to train: its own weights, not the stage-1 budget, define this encoder
+        ae_run = Path(arm.ae_config).expanduser()
+    else:
+        ae_run = pipe.train(f"{arm.key}/stage1", [arm.ae_config], out / "runs", f"{arm.key}_ae",
+                            budget_overrides(opts.ae_steps, opts.ae_minutes, disc_start=True) + opts.ae_overrides)
     latents = out / "latents" / arm.key
     for split in ("train", "validation"):
         pipe.command(f"{arm.key}/cache_{split}",
@@ -187,7 +202,7 @@ def _stage_minutes(pipe: Pipeline, prefix: str, names: Sequence[str]) -> float:
 
 def summary_row(arm: Arm, paths: Mapping[str, Any], encoder: Mapping[str, Any], pipe: Pipeline) -> dict:
     """One row of the report table from the recorded results of one arm."""
-    ae = next(r for r in _read_json(paths["ae_eval"])["results"] if r["weights"] in ("ema", "raw"))
+    ae = next(r for r in _read_json(paths["ae_eval"])["results"] if r["weights"] in ("ema", "raw", "as stored"))
     ldm = _read_json(paths["ldm_eval"])
     return {
         "encoder": arm.label,
@@ -195,7 +210,7 @@ def summary_row(arm: Arm, paths: Mapping[str, Any], encoder: Mapping[str, Any], 
         "encoder img/s": encoder["encoder_images_per_s"],
         "PSNR": ae.get("psnr"), "SSIM": ae.get("ssim"), "LPIPS": ae.get("lpips"), "rFID": ae.get("rfid"),
         "FID": ldm.get("fid"), "KID": ldm.get("kid_mean"), "accuracy": ldm.get("class_accuracy"),
-        "stage 1 min": _stage_minutes(pipe, arm.key, ["stage1"]),
+        "stage 1 min": None if arm.pretrained else _stage_minutes(pipe, arm.key, ["stage1"]),
         "cache min": _stage_minutes(pipe, arm.key, ["cache_train", "cache_validation"]),
         "stage 2 min": _stage_minutes(pipe, arm.key, ["stage2"]),
         "sampling min": _stage_minutes(pipe, arm.key, ["sample"]),
@@ -353,8 +368,9 @@ def write_report(opts: CompareOptions, rows: Sequence[Mapping[str, Any]], paths:
         "# Encoder comparison: " + " vs ".join(labels.values()), "",
         f"Command: `{command or 'python scripts/compare_encoders.py'}`", "",
         markdown_table(rows),
-        "Same decoder, loss and steps in stage 1; the same LDM config, steps and sample seeds in stage 2. "
-        "PSNR/SSIM/rFID: EMA weights on the validation split; FID/KID: samples vs the validation split; "
+        "Same decoder, loss and steps in stage 1 (pretrained arms are used as they are); the same LDM config, "
+        "steps and sample seeds in stage 2. PSNR/SSIM/rFID: EMA weights where present, on the validation split; "
+        "FID/KID: samples vs the validation split; "
         "accuracy: a small classifier trained on the real training images, on the samples under their "
         "conditioning class (seed s has class s % classes). Minutes are wall-clock per stage on this machine.",
         "",
@@ -363,7 +379,8 @@ def write_report(opts: CompareOptions, rows: Sequence[Mapping[str, Any]], paths:
          "encoders within this report only and are not comparable with published numbers.** The class "
          "accuracy is the comparable downstream number here."), "",
         *[f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in figures + grids], "",
-        "Arms: " + "; ".join(f"{a.label}: `{a.ae_config}` + `{a.ldm_config}`" for a in opts.arms), "",
+        "Arms: " + "; ".join(f"{a.label}: `{a.ae_config}`{' (pretrained, used as is)' * a.pretrained} + "
+                             f"`{a.ldm_config}`" for a in opts.arms), "",
         f"Settings: `{json.dumps(settings)}`", "",
     ]
     report = out / "report.md"
