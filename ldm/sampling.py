@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ldm.precision import GuardedAutoencoder
+from ldm.tiling import DEFAULT_OVERLAP, tiled
 from ldm.util import image_grid
 
 
@@ -76,8 +78,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def generate(module: torch.nn.Module, seeds: Sequence[int], batch_size: int = 8, steps: int | None = None,
              eta: float | None = None, cfg: float | None = None, class_label: int | None = None,
              prompt: str | None = None, precision: str = "fp32", sampler: str = "ddim",
-             use_ema: bool | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(images uint8 NHWC, labels or None)`` for ``seeds``, ``batch_size`` seeds at a time."""
+             use_ema: bool | None = None, progress: bool = True, decode_precision: str = "fp32",
+             tile: int | None = None, tile_overlap: int = DEFAULT_OVERLAP) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(images uint8 NHWC, labels or None)`` for ``seeds``, ``batch_size`` seeds at a time.
+
+    ``precision`` is the UNet's autocast; the first stage decodes under ``decode_precision`` (an fp16 overflow
+    is redone in fp32, ``ldm.precision``), by tiles of ``tile`` pixels when given (``ldm.tiling``).
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     use_ema = getattr(module, "use_ema_for_sampling", True) if use_ema is None else use_ema
@@ -85,6 +92,7 @@ def generate(module: torch.nn.Module, seeds: Sequence[int], batch_size: int = 8,
     if module.conditioning.mode == "text" and prompt is None:
         raise ValueError("a text-conditional model needs --prompt")
     device = module.device
+    decoder = _first_stage_decoder(module, decode_precision, tile, tile_overlap)
     chunks = range(0, len(seeds), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -96,8 +104,18 @@ def generate(module: torch.nn.Module, seeds: Sequence[int], batch_size: int = 8,
               "texts": [prompt] * len(batch) if prompt is not None else None}
         with autocast(device, precision):
             z = module.sample_latents(batch, steps=steps, eta=eta, cfg=cfg, sampler=sampler, use_ema=use_ema, **kw)
-        out.append(to_uint8(module.decode(z)))
+        out.append(to_uint8(decoder(z)))
     return np.concatenate(out), labels
+
+
+def _first_stage_decoder(module: torch.nn.Module, precision: str, tile: int | None, tile_overlap: int
+                         ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Normalised latents -> images in [-1, 1]: ``module.decode`` with the first stage guarded (built once, so
+    that the fp16 warning comes once) and optionally tiled."""
+    if module.first_stage is None:
+        return module.decode  # raises the module's own "no first stage" error
+    first_stage = tiled(GuardedAutoencoder(module.first_stage, precision), tile, tile_overlap)
+    return lambda z_norm: first_stage.decode(module.denormalise(z_norm.float())).float().clamp(-1, 1)
 
 
 # ------------------------------------------------------------------------------------------ output

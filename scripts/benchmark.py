@@ -3,13 +3,14 @@
     python scripts/benchmark.py --suite all --quick            # about a minute on a 2-core CPU
     python scripts/benchmark.py --suite encoder                # LiteVAE-S/B/M/L vs SD-VAE encoder, 256x256
     python scripts/benchmark.py --suite all --out bench.json   # full run (CPU: minutes; CUDA: bf16, batch 32)
+    python scripts/benchmark.py --suite tiling --quick         # tiled vs whole encoding, 1024x1024
 
 Suites: encoder (forward throughput), memory (inference peak in a fresh process; bytes saved for backward;
 CUDA training peak), dwt (fast Haar vs ptwt.wavedec2), cache (latent caching vs bare encoder forward),
 train-ae (full autoencoder training step, same decoder and loss), train-ldm (diffusion step on cached
-latents vs live encoding). Timings interleave the candidates round-robin so that other load on the
-machine slows all of them alike; medians are reported. Defaults: CPU fp32; CUDA bf16 autocast,
-channels_last, batch 32.
+latents vs live encoding); by name only: tiling (LiteVAE-B encoding at 1024x1024, 512-px tiles vs whole).
+Timings interleave the candidates round-robin so that other load on the machine slows all of them alike;
+medians are reported. Defaults: CPU fp32; CUDA bf16 autocast, channels_last, batch 32.
 """
 from __future__ import annotations
 
@@ -304,6 +305,36 @@ def suite_cache(args, ratios: dict) -> list[dict]:
              "resolution": args.resolution, "workers": workers, "encoder": "LiteVAE-B"} for k, s in secs.items()]
 
 
+def suite_tiling(args, ratios: dict) -> list[dict]:
+    """LiteVAE-B encoding of 1024x1024 images whole vs by 512-px tiles overlapping by 64 px (ldm.tiling):
+    throughput and peak allocated tensor memory. Tiles trade extra compute (3x3 tiles cover the image 2.25
+    times) for a peak set by the tile, not the image."""
+    from ldm.tiling import DEFAULT_OVERLAP, encode_tiled
+
+    resolution, tile = 1024, 512
+    batch = batch_for(args, 1, 1, cuda=4)
+    model = _autoencoder("LiteVAE-B", args).eval()
+    x = images(args, batch, resolution)
+
+    def whole():
+        with torch.inference_mode(), autocast(args):
+            model.encode(x)
+
+    def tiled():
+        with torch.inference_mode(), autocast(args):
+            encode_tiled(model, x, tile, DEFAULT_OVERLAP)
+    fns = {"whole image": whole, f"tiles {tile}/{DEFAULT_OVERLAP}": tiled}
+    secs = timed(fns, args, 1, 3)
+    peak = {n: peak_memory_growth(fn, args.device) for n, fn in fns.items()}
+    w, t = "whole image", f"tiles {tile}/{DEFAULT_OVERLAP}"
+    ratios["tiled_vs_whole_encode_throughput"] = round(secs[w] / secs[t], 3)
+    ratios["tiled_vs_whole_encode_peak_mem"] = round(peak[t] / peak[w], 3)
+    return [{"suite": "tiling", "name": f"LiteVAE-B encode, {n}", "images_per_s": round(batch / s, 3),
+             "peak_MiB": round(peak[n] / 2**20, 1), "throughput_vs_whole": round(secs[w] / s, 3),
+             "peak_vs_whole": round(peak[n] / peak[w], 3), "batch": batch, "resolution": resolution}
+            for n, s in secs.items()]
+
+
 def suite_train_ae(args, ratios: dict) -> list[dict]:
     """One full first-stage training step (forward, full generator loss with LPIPS-VGG (random trunk:
     same cost) + wavelet + Gaussian + adversarial terms, backward, Adam step), same SD decoder for both."""
@@ -378,6 +409,8 @@ def suite_train_ldm(args, ratios: dict) -> list[dict]:
 # allocated-bytes figure was 110.6/256.6 MiB both times), so `--suite all` matches `--suite memory`.
 SUITES = {"memory": suite_memory, "encoder": suite_encoder, "dwt": suite_dwt, "cache": suite_cache,
           "train-ae": suite_train_ae, "train-ldm": suite_train_ldm}
+# Run only by name (--suite tiling): fixed 1024x1024 images, minutes on a CPU, so not part of `--suite all`.
+EXTRA_SUITES = {"tiling": suite_tiling}
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -397,7 +430,7 @@ def check_targets(ratios: dict, targets: dict = TARGETS) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", default="encoder", choices=[*SUITES, "all"])
+    p.add_argument("--suite", default="encoder", choices=[*SUITES, *EXTRA_SUITES, "all"])
     p.add_argument("--quick", action="store_true", help="small batches, few repeats (about a minute on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resolution", type=int, default=256, help="encoder/memory/dwt/cache image size")
@@ -434,7 +467,7 @@ def main(argv=None) -> int:
     rows, ratios, seconds = [], {}, {}
     for name in suites:
         t0 = time.perf_counter()
-        rows += SUITES[name](args, ratios)
+        rows += {**SUITES, **EXTRA_SUITES}[name](args, ratios)
         seconds[name] = round(time.perf_counter() - t0, 1)
     info = machine_info()
     print(f"machine: {info}")

@@ -21,6 +21,8 @@ from ldm.data.configs import dataset_config, deterministic
 from ldm.data.latent_cache import CacheError, CacheOptions, cache_latents, merge_manifest
 from ldm.data.manifest import MANIFEST_NAME, Manifest
 from ldm.checkpoints import load_first_stage, resolve_source
+from ldm.precision import PRECISIONS
+from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import instantiate_from_config, pick_device
 
 log = logging.getLogger("cache_latents")
@@ -38,8 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers per process")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (a torchrun rank uses cuda:LOCAL_RANK)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="encoder autocast")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="encoder autocast; an fp16 batch that overflows (NaN/inf) is redone in fp32, with a warning")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="stored latent dtype")
+    add_tiling_args(p, "encode")
     p.add_argument("--flip", action="store_true", help="also store the latents of the flipped image")
     p.add_argument("--samples-per-shard", type=positive_int, default=1000)
     p.add_argument("--no-ema", action="store_true", help="use the live weights instead of the EMA copy")
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
                         format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s")
     opts = CacheOptions(out_dir=args.out, split=args.split, samples_per_shard=args.samples_per_shard,
                         batch_size=args.batch_size, num_workers=args.workers, flip=args.flip, dtype=args.dtype,
-                        precision=args.precision)
+                        precision=args.precision, tile=args.tile, tile_overlap=args.tile_overlap)
     if args.merge_only:
         entry = merge_manifest(args.out, args.split, world)
         log.info("manifest: split %r: %s -> %s", args.split, entry.describe(), Path(args.out) / MANIFEST_NAME)
@@ -110,6 +114,7 @@ def run(args: argparse.Namespace) -> None:
     dataset = instantiate_from_config(data_cfg, where=f"data.params.{args.split}")
     ae_config = OmegaConf.load(args.ae_config) if args.ae_config else None
     model, info = load_first_stage(args.ae, use_ema=not args.no_ema, device=device, config=ae_config)
+    check_tiling_args(args, model)
     barrier = None
     if distributed:
         import torch.distributed as dist

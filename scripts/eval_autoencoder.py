@@ -25,6 +25,9 @@ from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table
 from ldm.checkpoints import load_first_stage, resolve_source
 from ldm.metrics.lpips import build_lpips
+from ldm.precision import PRECISIONS, GuardedAutoencoder
+from ldm.tiling import tiled
+from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import pick_device
 
 log = logging.getLogger("eval_autoencoder")
@@ -44,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="autocast of the autoencoder")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="autocast of the autoencoder; an fp16 batch that overflows (NaN/inf) is redone in fp32")
+    add_tiling_args(p, "encode and decode")
     p.add_argument("--lpips-weights", help="path to torchvision's vgg16-397923af.pth (else $LITEVAE_VGG16 or the "
                                            "torch hub cache)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                        if_missing="error" if args.require_lpips else "skip")
         data_cfg = load_data_config(args)
         models = load_models(args, device)
+        check_tiling_args(args, models[0][1])
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if detector is not None and not detector.comparable:
@@ -97,8 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, model, info in models:
         loader = data_loader(data_cfg, args.batch_size, args.workers, args.max_samples)
         try:
-            results = evaluate_autoencoder(model, loader, args.resolutions, lpips, detector, device,
-                                           args.max_samples, args.precision)
+            first_stage = tiled(GuardedAutoencoder(model, args.precision), args.tile, args.tile_overlap)
+            results = evaluate_autoencoder(first_stage, loader, args.resolutions, lpips, detector, device,
+                                           args.max_samples)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         rows += [{"weights": name, "resolution": r, **metrics} for r, metrics in results.items()]
@@ -106,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
               "autoencoder": {k: v for k, v in models[0][2].items() if k != "weights"},
               "data": {"config": data_cfg, "split": args.split, "max_samples": args.max_samples},
               "detector": None if detector is None else detector.describe(), "lpips": lpips is not None,
-              "precision": args.precision, "reconstruction": "decode(encode(x).mode()), clipped to [-1, 1]",
+              "precision": args.precision, "tiling": None if args.tile is None else
+              {"tile": args.tile, "overlap": args.tile_overlap}, "reconstruction": "decode(encode(x).mode()), clipped to [-1, 1]",
               "results": rows}
     table = markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
     print(table)

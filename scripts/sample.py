@@ -29,6 +29,7 @@ from ldm.tools.args import check_output_dir, non_negative_float, non_negative_in
 from ldm.checkpoints import load_diffusion
 from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs,
                           write_pngs)
+from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import pick_device
 
 
@@ -61,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use the raw UNet instead of the EMA copy (a training checkpoint; an export holds one UNet)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (a torchrun rank uses cuda:LOCAL_RANK)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast for the UNet")
+    p.add_argument("--decode-precision", choices=PRECISIONS, default="fp32",
+                   help="autocast for the first-stage decoder; an fp16 batch that overflows (NaN/inf) is redone in "
+                        "fp32, with a warning")
+    add_tiling_args(p, "decode")
     return p.parse_args(argv)
 
 
@@ -90,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
                                    allow_first_stage_mismatch=args.allow_first_stage_mismatch)
     except (ValueError, FileNotFoundError) as err:  # a wrong or missing first stage, --no-ema on an export
         raise SystemExit(f"error: {err}") from None
+    if module.first_stage is not None:
+        check_tiling_args(args, module.first_stage)
 
     mine = seeds[rank::world]
     if mine:
         images, _ = generate(module, mine, batch_size=args.batch, steps=args.steps, eta=args.eta, cfg=args.cfg,
                              class_label=args.class_label, prompt=args.prompt, precision=args.precision,
-                             sampler=args.sampler, progress=rank == 0)
+                             sampler=args.sampler, progress=rank == 0, decode_precision=args.decode_precision,
+                             tile=args.tile, tile_overlap=args.tile_overlap)
         write_pngs(out / "images", images, mine)
     if world > 1:
         torch.distributed.barrier()

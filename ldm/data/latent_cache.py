@@ -49,6 +49,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
+from ldm.precision import PRECISIONS, GuardedAutoencoder
+from ldm.tiling import DEFAULT_OVERLAP, TiledAutoencoder, tiled
 
 log = logging.getLogger(__name__)
 
@@ -245,13 +247,15 @@ class CacheOptions:
     num_workers: int = 0
     flip: bool = False
     dtype: str = "float16"
-    precision: str = "fp32"
+    precision: str = "fp32"  # encoder autocast; fp16 batches that overflow are redone in fp32 (ldm.precision)
+    tile: int | None = None  # encode by tiles of this many pixels (ldm.tiling); None: whole images
+    tile_overlap: int = DEFAULT_OVERLAP
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.samples_per_shard < 1 or self.batch_size < 1:
             raise ValueError("samples_per_shard and batch_size must be positive")
         if "-" in self.split or "/" in self.split:
@@ -288,7 +292,7 @@ class _Shard:
         return record
 
 
-def _encode(model: torch.nn.Module, x: torch.Tensor, flip: bool, precision: str, device: torch.device,
+def _encode(model: GuardedAutoencoder | TiledAutoencoder, x: torch.Tensor, flip: bool, device: torch.device,
             dtype: str) -> tuple[torch.Tensor | None, ...]:
     """``(mean, std, mean_flip, std_flip)`` of a batch, on the CPU, already in the storage ``dtype``.
 
@@ -299,8 +303,8 @@ def _encode(model: torch.nn.Module, x: torch.Tensor, flip: bool, precision: str,
     n = len(x)
     if flip:
         x = torch.cat([x, x.flip(-1)])
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        posterior = model.encode(x)
+    with torch.no_grad():
+        posterior = model.encode(x)  # autocast (and the fp16 guard) inside the wrapper
     store = getattr(torch, dtype)
     mean, std = posterior.mean.float().to(store).cpu(), posterior.std.float().to(store).cpu()
     return (mean[:n], std[:n], mean[n:], std[n:]) if flip else (mean, std, None, None)
@@ -560,7 +564,9 @@ def _prepare_folder(dataset: Dataset, opts: CacheOptions, rank: int, world: int,
     partial shards removed."""
     out, streaming = Path(opts.out_dir), isinstance(dataset, IterableDataset)
     plan = {"world_size": world, "samples_per_shard": opts.samples_per_shard, "flip": opts.flip, "dtype": opts.dtype,
-            "dataset_len": None if streaming else len(dataset), "tar_keys": KEY_SCHEME, **dict(plan_extra or {})}
+            "dataset_len": None if streaming else len(dataset), "tar_keys": KEY_SCHEME,
+            # Tiled and whole-image latents differ slightly: a resumed run must not mix them in one split.
+            "tile": opts.tile, "tile_overlap": opts.tile_overlap if opts.tile else None, **dict(plan_extra or {})}
     if streaming:
         plan["num_workers"] = opts.num_workers  # the stream order depends on it
     check_autoencoder(out, opts.split, plan.get("ckpt_sha256"))
@@ -592,6 +598,8 @@ def _encode_into(model: torch.nn.Module, records: IndexedRecords | StreamRecords
     """Encode the batches of ``records.source`` that hold items to write, and hand those to ``writer``."""
     from tqdm import tqdm
 
+    # One wrapper for the whole run: the fp16 guard warns once, not once per batch.
+    encoder = tiled(GuardedAutoencoder(model, opts.precision), opts.tile, opts.tile_overlap)
     loader = DataLoader(records.source, batch_size=opts.batch_size, num_workers=opts.num_workers, shuffle=False,
                         collate_fn=collate_records, pin_memory=device.type == "cuda")
     try:
@@ -599,7 +607,7 @@ def _encode_into(model: torch.nn.Module, records: IndexedRecords | StreamRecords
             for batch in loader:
                 items, images = records.items(batch["records"]), batch["image"]
                 if items:
-                    encoded = _encode(model, images, opts.flip, opts.precision, device, opts.dtype) \
+                    encoded = _encode(encoder, images, opts.flip, device, opts.dtype) \
                         if images is not None else None
                     writer.write_batch(items, encoded, list(images.shape[1:]) if images is not None else None)
                 bar.update(len(batch["records"]))

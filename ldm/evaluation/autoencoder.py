@@ -12,6 +12,7 @@ from ldm.evaluation.detectors import Detector
 from ldm.evaluation.sources import _skip_none
 from ldm.metrics.fid import feature_statistics, frechet_distance
 from ldm.metrics.image import psnr, ssim, to_uint8
+from ldm.precision import GuardedAutoencoder
 
 
 # ----------------------------------------------------------------------------- autoencoder metrics
@@ -25,10 +26,15 @@ def resize_images(x: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct(model: torch.nn.Module, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """decode(encode(x).mode()): the deterministic reconstruction used for all stage-1 metrics."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        return model.decode(model.encode(x).mode()).float()
+def reconstruct(model: Any, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """decode(encode(x).mode()): the deterministic reconstruction used for all stage-1 metrics.
+
+    Runs under ``precision`` autocast through ``ldm.precision.GuardedAutoencoder`` (an fp16 overflow is redone
+    in fp32). ``model`` may itself be a guarded or tiled wrapper (the script's, built once so that the fp16
+    warning comes once per run); its own precision then applies.
+    """
+    guarded = GuardedAutoencoder(model, precision)
+    return guarded.decode(guarded.encode(x).mode()).float()
 
 
 class _Accumulator:
