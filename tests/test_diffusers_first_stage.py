@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("diffusers")  # an optional dependency; requirements-dev.txt installs it
+# diffusers is an optional dependency of the project, installed for the tests by requirements-dev.txt.
 from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
@@ -237,3 +237,24 @@ def test_compare_arm_uses_a_diffusers_folder_as_is(folders, tmp_path):
     measured = compare.measure_encoders({"sd": str(folders["kl"])}, batch_size=2, repeats=1)["sd"]
     vae = AutoencoderKL.from_pretrained(folders["kl"])
     assert measured["encoder_params"] == sum(p.numel() for m in (vae.encoder, vae.quant_conv) for p in m.parameters())
+
+
+@pytest.mark.slow
+def test_compare_encoders_runs_a_diffusers_arm_end_to_end(folders, data, tmp_path):
+    """scripts/compare_encoders.py with real commands: a diffusers folder as the arm's first stage (no stage 1),
+    its latents cached, an LDM trained on them, sampled, and both evaluations written into the report."""
+    out = tmp_path / "cmp"
+    argv = ["--out", str(out), "--data", str(data), "--arm", "kl", "tiny KL (diffusers)", str(folders["kl"]),
+            "configs/ldm/fmnist_sd_vae_tiny.yaml", "--ldm-steps", "2", "--seeds", "0-7", "--sample-batch", "8",
+            "--detector", "random", "--eval-samples", "8", "--ldm-overrides",
+            f"model.params.unet_config.params.in_channels={KL_CHANNELS}",
+            f"model.params.unet_config.params.out_channels={KL_CHANNELS}", "model.params.lr_warmup_steps=0",
+            "data.params.batch_size=8", "lightning.trainer.limit_val_batches=0"]
+    assert load_script("compare_encoders").main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "tiny KL (diffusers)" in report and "(pretrained, used as is)" in report
+    assert not list((out / "runs").glob("kl_ae*"))  # no stage-1 training for a pretrained arm
+    ae_eval = json.loads((out / "eval" / "kl_ae.json").read_text())
+    assert ae_eval["autoencoder"]["sha256"] == sha256_file(folders["kl"] / WEIGHTS)
+    ldm_eval = json.loads((out / "eval" / "kl_ldm.json").read_text())
+    assert ldm_eval["n_samples"] == 8 and "class_accuracy" in ldm_eval
