@@ -8,7 +8,8 @@ is visible. **Both sizes are in image pixels**, for encode and decode alike (the
 larger than one tile is passed through unchanged (one plain call). The posterior of a tiled encode blends the
 mean, the log-variance and the std the same way and is of the model's own posterior class when that class can be
 built from ``cat([mean, logvar], dim=1)`` (LDM's and diffusers' ``DiagonalGaussianDistribution``,
-``autoencoder.posterior.DiagonalGaussian``), else a ``BlendedPosterior`` with the same API.
+``autoencoder.posterior.DiagonalGaussian``), else the generic ``GaussianPosterior`` (std blended itself, so a
+deterministic encoder's zero std stays zero).
 
 Why the overlap (LiteVAE): the encoder is a 3-level Haar DWT, one UNet per level with only 3x3 convolutions
 and no resampling, then an aggregator UNet on the H/8 grid. A UNet with ``len(ch_mult) = L`` and
@@ -32,28 +33,10 @@ from typing import Any, Callable
 
 import torch
 
+from ldm.first_stage.posterior import GaussianPosterior
+
 # Defaults for scripts that turn tiling on: see the module docstring for the overlap.
 DEFAULT_OVERLAP = 64
-
-
-class BlendedPosterior:
-    """Diagonal Gaussian from blended ``mean``, ``logvar`` and ``std``: the posterior API for models whose own
-    posterior class cannot be rebuilt from moments. ``std`` is blended itself rather than derived from ``logvar``
-    so that a deterministic encoder's zero std stays exactly zero."""
-
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor, std: torch.Tensor):
-        self.mean, self.logvar, self.std = mean, logvar, std
-        self.var = std.square()
-
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
-
-    def mode(self) -> torch.Tensor:
-        return self.mean
-
-    def kl(self) -> torch.Tensor:
-        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
 def check_tiling(tile: int, overlap: int, factor: int) -> None:
@@ -121,7 +104,7 @@ def _posterior_like(posterior: Any, mean: torch.Tensor, logvar: torch.Tensor, st
             return rebuilt
     except Exception:  # any other constructor signature: the generic posterior below has the same API
         pass
-    return BlendedPosterior(mean, logvar, std)
+    return GaussianPosterior(mean, logvar, std)
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import LITEVAE_TINY, ROOT
-from ldm.tiling import BlendedPosterior, TiledAutoencoder, check_tiling, decode_tiled, encode_tiled, tile_starts, tiled
+from ldm.first_stage.posterior import GaussianPosterior
+from ldm.tiling import TiledAutoencoder, check_tiling, decode_tiled, encode_tiled, tile_starts, tiled
 from ldm.sampling import _first_stage_decoder
 from ldm.util import instantiate_from_config
 
@@ -133,10 +134,10 @@ class _PatchModel:
 
 
 def test_generic_model_and_posterior():
-    """A purely local model is reproduced exactly by tiles; an unknown posterior class becomes BlendedPosterior."""
+    """A purely local model is reproduced exactly by tiles; an unknown posterior class becomes GaussianPosterior."""
     model, x = _PatchModel(), torch.randn(2, 3, 96, 160)
     posterior = encode_tiled(model, x, tile=64, overlap=16)
-    assert isinstance(posterior, BlendedPosterior)
+    assert isinstance(posterior, GaussianPosterior)
     torch.testing.assert_close(posterior.mean, F.avg_pool2d(x, 8))
     assert torch.equal(posterior.std, torch.zeros_like(posterior.mean))  # blended itself: zero stays zero
     torch.testing.assert_close(posterior.logvar, torch.full_like(posterior.mean, -30.0))

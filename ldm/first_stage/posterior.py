@@ -1,4 +1,9 @@
-"""The posterior of a deterministic encoder (DC-AE, TAESD): a point mass at its latent."""
+"""The posterior every first stage's ``encode(x)`` returns (DESIGN.md §3): a diagonal Gaussian q(z|x).
+
+One class for all encoders: ours (``autoencoder.posterior.DiagonalGaussian`` builds it from the network's moments),
+tiled encodes (``ldm.tiling`` blends mean, log-variance and std), and deterministic encoders (DC-AE, TAESD:
+``PointPosterior``, std 0).
+"""
 from __future__ import annotations
 
 import torch
@@ -8,19 +13,36 @@ import torch
 LOGVAR_FLOOR = -30.0
 
 
-class PointPosterior:
-    """``encode(x)``'s API for an encoder without a variance: ``std`` 0, so ``sample()`` is ``mode()``."""
+class GaussianPosterior:
+    """``mean``, ``logvar``, ``std``, ``var``, ``sample()``, ``mode()``, ``kl()``. ``std`` defaults to
+    ``exp(logvar / 2)``; it is given explicitly where it is not derived from ``logvar`` (a blend of stds, or a
+    deterministic encoder's exact zero)."""
 
-    def __init__(self, z: torch.Tensor):
-        self.mean = z
-        self.std = torch.zeros_like(z)
-        self.var = self.std
-        self.logvar = torch.full_like(z, LOGVAR_FLOOR)
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor, std: torch.Tensor | None = None):
+        self.mean, self.logvar = mean, logvar
+        self.std = torch.exp(0.5 * logvar) if std is None else std
+        self.var = torch.exp(logvar) if std is None else std.square()
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.mean
+        """Reparameterised sample ``mean + std·ε`` (differentiable w.r.t. mean and logvar)."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q ‖ N(0, I)) in closed form, summed over C, H, W: one value per sample."""
+        return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class PointPosterior(GaussianPosterior):
+    """An encoder without a variance: std 0, so ``sample()`` is ``mode()``."""
+
+    def __init__(self, z: torch.Tensor):
+        super().__init__(z, torch.full_like(z, LOGVAR_FLOOR), torch.zeros_like(z))
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.mean
 
     def kl(self) -> torch.Tensor:
