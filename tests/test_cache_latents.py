@@ -271,7 +271,7 @@ def test_two_ranks_without_process_group(tmp_path, model, dataset, images):
 def test_records_map_each_sample_to_its_shard():
     from types import SimpleNamespace
 
-    from ldm.data.latent_cache import IndexedRecords, StreamRecords
+    from ldm.data.cache_records import IndexedRecords, StreamRecords
 
     # Map-style: rank 1 of 2 owns indices 1, 3, 5, 7, 9 -> shards [1, 3], [5, 7], [9]; shard 0 is complete.
     indexed = IndexedRecords(list(range(10)), 2, rank=1, world=2, complete=lambda i: i == 0)

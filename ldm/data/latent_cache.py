@@ -30,7 +30,6 @@ Normalisation convention: ``z_norm = (z - shift) * scale_factor`` with ``shift``
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 import os
@@ -40,14 +39,15 @@ import tarfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ldm.data.cache_records import (IndexedRecords, Item, StreamRecords, StreamSkips, collate_records)
+from ldm.data.cache_stats import LatentStats
 from ldm.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
 from ldm.precision import PRECISIONS, GuardedAutoencoder
 from ldm.tiling import DEFAULT_OVERLAP, TiledAutoencoder, tiled
@@ -101,140 +101,6 @@ def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------------------- statistics
-class LatentStats:
-    """Per-channel float64 sufficient statistics of latents, mergeable exactly (sums, not running means)."""
-
-    def __init__(self, channels: int = 0):
-        self.count = 0  # elements per channel (samples × h × w)
-        self.sum = np.zeros(channels)
-        self.sumsq = np.zeros(channels)
-        self.min = np.full(channels, np.inf)
-        self.max = np.full(channels, -np.inf)
-        self.std_sum = np.zeros(channels)  # sum of the posterior std, for its mean
-
-    def update(self, mean: np.ndarray, std: np.ndarray) -> None:
-        """Add latents ``(N, C, h, w)`` (posterior mean and std)."""
-        m = np.asarray(mean, dtype=np.float64).transpose(1, 0, 2, 3).reshape(mean.shape[1], -1)
-        s = np.asarray(std, dtype=np.float64).transpose(1, 0, 2, 3).reshape(std.shape[1], -1)
-        if self.count == 0 and len(self.sum) != m.shape[0]:
-            self.__init__(m.shape[0])
-        self.count += m.shape[1]
-        self.sum += m.sum(1)
-        self.sumsq += (m * m).sum(1)
-        self.min = np.minimum(self.min, m.min(1))
-        self.max = np.maximum(self.max, m.max(1))
-        self.std_sum += s.sum(1)
-
-    def merge(self, other: "LatentStats") -> None:
-        if other.count == 0:
-            return
-        if self.count == 0:
-            self.__init__(len(other.sum))
-        self.count += other.count
-        for name in ("sum", "sumsq", "std_sum"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.min, self.max = np.minimum(self.min, other.min), np.maximum(self.max, other.max)
-
-    def to_dict(self) -> dict:
-        return {"count": self.count, **{k: getattr(self, k).tolist() for k in ("sum", "sumsq", "min", "max",
-                                                                            "std_sum")}}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "LatentStats":
-        out = cls(len(d["sum"]))
-        out.count = int(d["count"])
-        for k in ("sum", "sumsq", "min", "max", "std_sum"):
-            setattr(out, k, np.asarray(d[k], dtype=np.float64))
-        return out
-
-    def summary(self) -> dict:
-        """Per-channel and global mean/std/min/max, mean posterior std, and ``shift``/``scale_factor``."""
-        if self.count == 0:
-            return {"count": 0}
-        n = self.count
-        mean = self.sum / n
-        std = np.sqrt(np.maximum(self.sumsq / n - mean**2, 0.0))
-        g_mean = self.sum.sum() / (n * len(self.sum))
-        g_std = float(np.sqrt(max(self.sumsq.sum() / (n * len(self.sum)) - g_mean**2, 0.0)))
-        return {"count": n, "channel_mean": mean.tolist(), "channel_std": std.tolist(),
-                "channel_min": self.min.tolist(), "channel_max": self.max.tolist(),
-                "min": float(self.min.min()), "max": float(self.max.max()),
-                "global_mean": float(g_mean), "global_std": g_std, "mean_posterior_std": (self.std_sum / n).tolist(),
-                "shift": float(g_mean), "scale_factor": 1.0 / g_std if g_std > 0 else 1.0,
-                "method": "exact float64 sums over every stored posterior mean (unflipped, after the dtype cast), "
-                          "merged from per-shard sidecars; z_norm = (z - shift) * scale_factor, "
-                          "scale_factor = 1 / global_std"}
-
-
-# --------------------------------------------------------------------------------------- data sources
-class IndexedSource(Dataset):
-    """``{"index", "sample" | None, "reason"}`` for a map-style dataset, so bad inputs are reported, not lost."""
-
-    def __init__(self, dataset: Dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def _source(self, i: int) -> Path | None:
-        root, files = getattr(self.dataset, "root", None), getattr(self.dataset, "files", None)
-        return Path(root) / files[i] if root is not None and files is not None else None
-
-    def _reason(self, i: int) -> str:
-        # The dataset returned None and logged why; re-open the file once to record the reason too.
-        path = self._source(i)
-        if path is None:
-            return "dataset returned no sample"
-        try:
-            from ldm.data.transforms import open_image, to_rgb_tensor
-
-            to_rgb_tensor(open_image(path, getattr(self.dataset, "min_size", 1)))
-        except Exception as e:  # noqa: BLE001 - any failure is the reason we report
-            return f"{type(e).__name__}: {e}"
-        return "dataset returned no sample"
-
-    def __getitem__(self, j: int) -> dict:
-        i = self.indices[j]
-        try:
-            sample = self.dataset[i]
-        except Exception as e:  # noqa: BLE001 - a bad input must not stop a long caching run
-            log.warning("skipping index %d: %s: %s", i, type(e).__name__, e)
-            sample, reason = None, f"{type(e).__name__}: {e}"
-        else:
-            reason = None if sample is not None else self._reason(i)
-        path = self._source(i)
-        meta = {"index": i, "source": str(path) if path is not None else None, "size": None}
-        if sample is not None and path is not None:
-            try:
-                with Image.open(path) as img:
-                    meta["size"] = list(img.size)
-            except Exception:  # noqa: BLE001 - the size is informative only
-                pass
-        return {"index": i, "sample": sample, "reason": reason, "meta": meta}
-
-
-class StreamSource(IterableDataset):
-    """Wraps a streaming dataset in the same record format as ``IndexedSource`` (bad samples are dropped
-    by the dataset itself and only counted)."""
-
-    def __init__(self, dataset: IterableDataset):
-        self.dataset = dataset
-
-    def __iter__(self) -> Iterator[dict]:
-        for sample in self.dataset:
-            if sample is not None:
-                yield {"index": None, "sample": sample, "reason": None,
-                       "meta": {"index": None, "source": None, "size": None}}
-
-
-def collate_records(records: list[dict]) -> dict:
-    """Stack the good images; keep every record (good or bad) with its metadata, in order."""
-    good = [r["sample"] for r in records if r["sample"] is not None]
-    images = torch.stack([s["image"] for s in good]) if good else None
-    return {"records": records, "image": images}
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -341,10 +207,6 @@ class UniqueKeys:
         self.seen[name] = where
 
 
-def rank_indices(n: int, rank: int, world: int) -> list[int]:
-    return list(range(n))[rank::world]
-
-
 def complete_sidecars(out: Path, split: str) -> Iterator[tuple[str, dict]]:
     """``(shard name, sidecar)`` of the complete shards (``.tar`` + sidecar) of ``split`` in ``out``."""
     for side in sorted(out.glob(f"{split}-r[0-9][0-9]-[0-9]*.json")):
@@ -376,88 +238,6 @@ def check_autoencoder(out: Path, split: str, sha256: str | None) -> None:
             raise CacheError(f"{where} was cached with the autoencoder of sha256 {other}, but this one's is "
                              f"{sha256}; one cache folder holds one autoencoder's latents. Cache {split!r} into "
                              f"another folder, or with the autoencoder {other[:12]}...")
-
-
-# ------------------------------------------------------------------------- which record goes to which shard
-# An item is ``(shard index, record, row)``: ``row`` indexes the record's latents in its batch, None for a bad input.
-Item = tuple[int, dict, int | None]
-
-
-class StreamSkips:
-    """The bad samples a streaming dataset dropped (its ``skipped`` counter), each handed out once."""
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-        self.seen = self.now()
-
-    def now(self) -> int:
-        return getattr(self.dataset, "skipped", 0)
-
-    def rebase(self) -> None:
-        """Forget the skips met so far: re-reading an already cached prefix, they belong to earlier shards."""
-        self.seen = self.now()
-
-    def take(self) -> int:
-        now = self.now()
-        new, self.seen = now - self.seen, now
-        return max(new, 0)
-
-
-class IndexedRecords:
-    """A map-style dataset: rank ``r`` owns ``range(n)[r::world]``, its shard ``i`` the slice ``[i*N, (i+1)*N)``;
-    only the samples of incomplete shards are read (``source``)."""
-
-    skips = None  # a map-style dataset reports its bad inputs as records
-    finished = False  # re-running a finished rank rewrites its done file
-
-    def __init__(self, dataset: Dataset, n_per: int, rank: int, world: int, complete: Callable[[int], bool]):
-        mine = rank_indices(len(dataset), rank, world)
-        self.num_shards = (len(mine) + n_per - 1) // n_per
-        self.shard_of = {idx: p // n_per for p, idx in enumerate(mine)}
-        pending = {i for i in range(self.num_shards) if not complete(i)}
-        self.source = IndexedSource(dataset, [idx for idx in mine if self.shard_of[idx] in pending])
-        self.total: int | None = len(self.source)
-
-    def items(self, records: list[dict]) -> list[Item]:
-        rows = itertools.count()
-        return [(self.shard_of[r["index"]], r, None if r["sample"] is None else next(rows)) for r in records]
-
-    def shard_count(self, last_index: int | None) -> int:
-        return self.num_shards
-
-
-class StreamRecords:
-    """A streaming dataset: shard ``i`` is the ``i``-th run of N good samples of the rank's (unshuffled) stream.
-    Complete shards form a prefix, which a resumed run reads again and drops."""
-
-    total = None
-
-    def __init__(self, dataset: IterableDataset, n_per: int, complete: Callable[[int], bool],
-                 num_shards: int | None = None):
-        """``num_shards``: known when an earlier run got to the end (its done file)."""
-        self.source, self.skips = StreamSource(dataset), StreamSkips(dataset)
-        self.n_per, self.num_shards = n_per, num_shards
-        offset = 0
-        while complete(offset):
-            offset += 1
-        self.first, self.position, self.started = offset * n_per, 0, False
-        self.finished = num_shards is not None and offset >= num_shards
-
-    def items(self, records: list[dict]) -> list[Item]:
-        start, self.position = self.position, self.position + len(records)
-        kept = [(p // self.n_per, r, row) for row, (p, r) in enumerate(zip(range(start, self.position), records))
-                if p >= self.first]
-        if kept and not self.started:
-            self.started = True
-            if self.first > 0:
-                self.skips.rebase()
-        return kept
-
-    def shard_count(self, last_index: int | None) -> int:
-        """From the done file of an earlier run, else as far as this one got."""
-        if self.num_shards is not None:
-            return self.num_shards
-        return last_index + 1 if last_index is not None else self.first // self.n_per
 
 
 # ------------------------------------------------------------------------------------------- shard writer

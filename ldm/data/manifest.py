@@ -88,7 +88,7 @@ class SplitEntry:
     total: int = _json(int)
     total_skipped: int = _json(int)
     skipped: list[dict] = _json(list)  # {"index", "source", "reason"[, "count"]} per bad input
-    stats: dict = _json(dict)  # ldm.data.latent_cache.LatentStats.summary()
+    stats: dict = _json(dict)  # ldm.data.cache_stats.LatentStats.summary()
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "SplitEntry":
