@@ -229,3 +229,11 @@ def test_sample_unwritable_out_fails_before_the_model_is_loaded(tmp_path, monkey
     blocker.write_text("")
     with pytest.raises(SystemExit, match=f"--out {blocker / 'samples'} is not a writable folder"):
         sample.main([str(tmp_path / "run"), "--out", str(blocker / "samples")])
+
+
+def test_demo_never_calls_a_random_feature_distance_fid():
+    demo = load_script("demo")
+    random = demo.fid_line({"fid": 1.2e-4, "detector": {"comparable": False, "kind": "random"}})
+    assert "FID" not in random.replace("no FID computed", "") and random.startswith("no FID computed")
+    assert demo.fid_line({"fid": 12.345, "detector": {"comparable": True, "kind": "torchscript"}}) == \
+        "FID 12.35 (torchscript features)"
