@@ -6,7 +6,6 @@ over any number of GPUs gives the same images (EDM2-style).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,14 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.precision import GuardedAutoencoder
+from ldm.precision import GuardedAutoencoder, autocast
 from ldm.tiling import DEFAULT_OVERLAP, tiled
 from ldm.util import image_grid
 
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -60,14 +58,6 @@ def labels_for_seeds(seeds: Sequence[int], num_classes: int | None, class_label:
     return np.asarray(seeds, dtype=np.int64) % num_classes
 
 
-def autocast(device: torch.device, precision: str):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] NCHW → uint8 NHWC."""
     x = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
@@ -102,7 +92,7 @@ def generate(module: torch.nn.Module, seeds: Sequence[int], batch_size: int = 8,
         batch = list(seeds[start:start + batch_size])
         kw = {"labels": labels[start:start + len(batch)].tolist() if labels is not None else None,
               "texts": [prompt] * len(batch) if prompt is not None else None}
-        with autocast(device, precision):
+        with autocast(device.type, precision):
             z = module.sample_latents(batch, steps=steps, eta=eta, cfg=cfg, sampler=sampler, use_ema=use_ema, **kw)
         out.append(to_uint8(decoder(z)))
     return np.concatenate(out), labels

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from ldm.tools.args import check_output_dir, non_negative_float, non_negative_int, positive_int
 from ldm.checkpoints import load_diffusion
-from ldm.sampling import (PRECISIONS, generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs,
-                          write_pngs)
+from ldm.precision import PRECISIONS
+from ldm.sampling import generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs, write_pngs
+from ldm.tools.args import check_output_dir, non_negative_float, non_negative_int, positive_int
 from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import pick_device
 
