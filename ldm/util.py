@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A config that cannot be turned into an object; the message names the config path."""
 
 
+class OutOfRangeError(ConfigError):
+    """A config value out of its range (``check_range``); ``instantiate_from_config`` adds the config path."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised by a LightningModule when a loss is NaN/inf; the run stops and no checkpoint is overwritten."""
 
@@ -34,7 +38,7 @@ def check_range(name: str, value: float | None, low: float | None = None, high: 
     too_low = low is not None and (value <= low if above else value < low)
     if too_low or (high is not None and value > high):
         bounds = (f"> {low}" if above else f">= {low}") if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"{name}={value} is out of range: must be {bounds}")
+        raise OutOfRangeError(f"{name}={value} is out of range: must be {bounds}")
 
 
 # The key of the batch that ``ldm.data.images.collate_train`` returns when every sample was unreadable.
@@ -145,8 +149,8 @@ def instantiate_from_config(config: Mapping | DictConfig, where: str = "config",
         return getattr(cls, "from_params", cls)(**params, **extra)
     except TypeError as e:
         raise ConfigError(f"{where}: cannot build {config['target']} with params {sorted(params)}: {e}") from e
-    except ConfigError as e:  # a value the class refused (``check_range``): say which config node holds it
-        raise e if str(e).startswith(("model", "data", "lightning")) else ConfigError(f"{where}.params: {e}") from e
+    except OutOfRangeError as e:  # a value the class refused (``check_range``): say which config node holds it
+        raise ConfigError(f"{where}.params: {e}") from e
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
