@@ -105,10 +105,10 @@ def _is_leaf_value(config: DictConfig, key: str) -> bool:
     return OmegaConf.is_missing(config, key) or OmegaConf.is_interpolation(config, key)
 
 
-def check_sections(config: DictConfig, bases: Sequence[str]) -> None:
-    """Top-level keys are the sections ``model``/``data``/``lightning`` or plain values that the configs
-    interpolate (e.g. ``latents: ???``); anything else is a typo that would be saved silently into the run."""
-    from_files = {k for base in bases for k in OmegaConf.load(base)}
+def check_sections(config: DictConfig, files: Sequence[DictConfig]) -> None:
+    """Top-level keys are the sections ``model``/``data``/``lightning`` or plain values that the config files
+    declare (e.g. ``latents: ???``); anything else is a typo that would be saved silently into the run."""
+    from_files = {k for file in files for k in file}
     for key in config:
         nested = not _is_leaf_value(config, key) and isinstance(config[key], DictConfig)
         misspelt_section = key not in SECTIONS and nested
@@ -127,7 +127,7 @@ def load_config(bases: Sequence[str], overrides: Sequence[str]) -> DictConfig:
             raise FileNotFoundError(f"config file not found: {base}")
         configs.append(OmegaConf.load(base))
     config = merge_configs([*configs, OmegaConf.from_dotlist(list(overrides))])
-    check_sections(config, bases)
+    check_sections(config, configs)
     for key in ("model",):
         if key not in config:
             raise ConfigError(f"the merged config has no '{key}' section (files: {list(bases)})")

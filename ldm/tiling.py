@@ -6,10 +6,8 @@ ramp (weights of two neighbours sum to one across an overlap, and reach zero-slo
 is visible. **Both sizes are in image pixels**, for encode and decode alike (the decoder's tiles are
 ``tile / downsample_factor`` latents); both must be multiples of ``model.downsample_factor``. An input no
 larger than one tile is passed through unchanged (one plain call). The posterior of a tiled encode blends the
-mean, the log-variance and the std the same way and is of the model's own posterior class when that class can be
-built from ``cat([mean, logvar], dim=1)`` (LDM's and diffusers' ``DiagonalGaussianDistribution``,
-``autoencoder.posterior.DiagonalGaussian``), else the generic ``GaussianPosterior`` (std blended itself, so a
-deterministic encoder's zero std stays zero).
+mean, the log-variance and the std the same way into a ``GaussianPosterior`` (the posterior class of
+``ldm.first_stage``; the std is blended itself, so a deterministic encoder's zero std stays zero).
 
 Why the overlap (LiteVAE): the encoder is a 3-level Haar DWT, one UNet per level with only 3x3 convolutions
 and no resampling, then an aggregator UNet on the H/8 grid. A UNet with ``len(ch_mult) = L`` and
@@ -95,18 +93,6 @@ def _blend(run: Callable[[torch.Tensor], list[torch.Tensor]], x: torch.Tensor, t
     return [a / weight for a in acc]
 
 
-def _posterior_like(posterior: Any, mean: torch.Tensor, logvar: torch.Tensor, std: torch.Tensor) -> Any:
-    """The model's posterior class rebuilt from blended moments, when its constructor takes them; else generic."""
-    try:
-        rebuilt = type(posterior)(torch.cat([mean, logvar], dim=1))
-        if (rebuilt.mean.shape == mean.shape and torch.allclose(rebuilt.mean, mean)
-                and torch.allclose(rebuilt.std, torch.exp(0.5 * logvar), rtol=1e-4)):
-            return rebuilt
-    except Exception:  # any other constructor signature: the generic posterior below has the same API
-        pass
-    return GaussianPosterior(mean, logvar, std)
-
-
 @torch.no_grad()
 def encode_tiled(model: Any, x: torch.Tensor, tile: int, overlap: int = DEFAULT_OVERLAP) -> Any:
     """``model.encode(x)`` by tiles of ``tile`` pixels overlapping by ``overlap`` pixels (see module docstring)."""
@@ -114,16 +100,12 @@ def encode_tiled(model: Any, x: torch.Tensor, tile: int, overlap: int = DEFAULT_
     check_tiling(tile, overlap, f)
     if x.shape[-2] <= tile and x.shape[-1] <= tile:
         return model.encode(x)
-    first: list[Any] = []
 
     def run(t: torch.Tensor) -> list[torch.Tensor]:
         p = model.encode(t)
-        if not first:  # one tile's posterior tells which class to return
-            first.append(p)
         return [p.mean, p.logvar, p.std]
 
-    mean, logvar, std = _blend(run, x, tile, 1 / f, overlap // f)
-    return _posterior_like(first[0], mean, logvar, std)
+    return GaussianPosterior(*_blend(run, x, tile, 1 / f, overlap // f))
 
 
 @torch.no_grad()
