@@ -67,7 +67,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def generate(module: torch.nn.Module, seeds: Sequence[int], batch_size: int = 8, steps: int | None = None,
              eta: float | None = None, cfg: float | None = None, class_label: int | None = None,
-             prompt: str | None = None, precision: str = "fp32", sampler: str = "ddim",
+             prompt: str | None = None, precision: str = "fp32", sampler: str | None = None,
              use_ema: bool | None = None, progress: bool = True, decode_precision: str = "fp32",
              tile: int | None = None, tile_overlap: int = DEFAULT_OVERLAP) -> tuple[np.ndarray, np.ndarray | None]:
     """``(images uint8 NHWC, labels or None)`` for ``seeds``, ``batch_size`` seeds at a time.

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoints import load_diffusion
+from ldm.diffusion import FLOW_SAMPLERS
+from ldm.models.latent_diffusion import DDPM_SAMPLERS
 from ldm.precision import PRECISIONS
 from ldm.sampling import generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs, write_pngs
 from ldm.tools.args import check_output_dir, non_negative_float, non_negative_int, positive_int
@@ -50,8 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the config's sample_steps)")
     p.add_argument("--eta", type=non_negative_float, help="DDIM eta (0: deterministic)")
     p.add_argument("--cfg", type=non_negative_float, help="classifier-free guidance scale (1: off; default: the config's)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm", "dpmpp2m"), default="ddim",
-                   help="dpmpp2m: DPM-Solver++(2M), deterministic, accurate in fewer steps than DDIM")
+    p.add_argument("--sampler", choices=(*DDPM_SAMPLERS, *FLOW_SAMPLERS),
+                   help="default: ddim for a DDPM model, heun for a flow model. DDPM: ddim | ddpm | dpmpp2m "
+                        "(DPM-Solver++(2M), accurate in fewer steps than DDIM); flow: euler | heun (ODE) | "
+                        "euler_maruyama (SDE)")
     p.add_argument("--class", dest="class_label", type=non_negative_int, help="class for all samples (default: seed %% classes)")
     p.add_argument("--prompt", help="text prompt (text-conditional models)")
     p.add_argument("--first-stage", help="stage-1 run folder / .ckpt / .safetensors to decode with instead of the "
@@ -73,7 +77,7 @@ def default_out(args: argparse.Namespace) -> Path:
     source = Path(args.source)
     run = source if source.is_dir() else source.parent.parent
     ckpt = "last" if source.is_dir() else source.stem
-    tag = f"{ckpt}_{args.sampler}{args.steps or ''}_cfg{args.cfg if args.cfg is not None else 'default'}"
+    tag = f"{ckpt}_{args.sampler or 'default'}{args.steps or ''}_cfg{args.cfg if args.cfg is not None else 'default'}"
     return run / "samples" / tag
 
 

@@ -1,4 +1,9 @@
-"""Stage-2 LightningModule: a denoising UNet trained on first-stage latents.
+"""Stage-2 LightningModule: a denoiser (``unet_config``: the LDM UNet or a DiT) trained on first-stage latents.
+
+Objective (``objective``): ``ddpm`` (a noise schedule, eps or v prediction, DDIM/DDPM/DPM-Solver++ sampling) or
+``flow`` (flow matching on the linear path x_t = (1 - t) x0 + t eps with velocity prediction, uniform or
+logit-normal ``time_sampler``, Euler/Heun/Euler-Maruyama sampling with an optional guidance interval); see
+``ldm.diffusion``.
 
 Input modes (``input``):
 
@@ -32,7 +37,8 @@ from torch import nn
 from ldm.checkpoints import (FIRST_STAGE_KEY, FROM_MANIFEST, first_stage_identity, first_stage_mismatch,
                              load_first_stage, load_recorded_first_stage)
 from ldm.data.manifest import read_latent_stats
-from ldm.diffusion import diffusion_loss, make_schedule, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from ldm.diffusion import (FLOW_SAMPLERS, TimeSampler, diffusion_loss, flow_loss, make_schedule, sample_ddim,
+                           sample_ddpm, sample_dpmpp_2m, sample_flow)
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
 from ldm.util import (batch_missing, check_finite, check_range, fused_optimizer_kwargs, instantiate_from_config,
@@ -41,6 +47,10 @@ from ldm.util import (batch_missing, check_finite, check_range, fused_optimizer_
 log = logging.getLogger(__name__)
 
 INPUTS = ("cached", "live")
+OBJECTIVES = ("ddpm", "flow")
+DDPM_SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
+SAMPLERS = {"ddpm": DDPM_SAMPLERS, "flow": FLOW_SAMPLERS}
+DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "heun"}
 # Config-only params: ``from_params`` turns them into the values ``__init__`` takes.
 FILE_PARAMS = ("first_stage", "latent_stats")
 
@@ -85,9 +95,11 @@ class LatentDiffusion(pl.LightningModule):
         first_stage_identity: Mapping[str, Any] | None = None,
         conditioning: str = "class",
         text_encoder_config: Mapping | None = None,
+        objective: str = "ddpm",
         schedule: Mapping | None = None,
         parameterization: str = "eps",
         min_snr_gamma: float | None = None,
+        time_sampler: Mapping | None = None,
         cond_drop_prob: float = 0.1,
         ema_decay: float | None = 0.9999,
         input: str = "cached",
@@ -98,6 +110,8 @@ class LatentDiffusion(pl.LightningModule):
         sample_steps: int = 50,
         sample_cfg: float = 3.0,
         sample_eta: float = 0.0,
+        sample_shift: float = 1.0,
+        guidance_interval: Sequence[float] | None = None,
         log_prompts: Sequence[str] | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
@@ -115,16 +129,27 @@ class LatentDiffusion(pl.LightningModule):
                             "LatentDiffusion.from_params (what instantiate_from_config calls)")
         if input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if guidance_interval is not None and not (len(guidance_interval) == 2
+                                                  and 0 <= guidance_interval[0] <= guidance_interval[1] <= 1):
+            raise ValueError(f"guidance_interval must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1 (flow time), "
+                             f"got {guidance_interval!r}")
         for name, value, low, high in (("cond_drop_prob", cond_drop_prob, 0, 1), ("ema_decay", ema_decay, 0, 1),
                                        ("sample_steps", sample_steps, 1, None), ("sample_cfg", sample_cfg, 0, None),
                                        ("sample_eta", sample_eta, 0, None), ("weight_decay", weight_decay, 0, None),
+                                       ("sample_shift", sample_shift, 0, None),
                                        ("lr_warmup_steps", lr_warmup_steps, 0, None)):
             check_range(name, value, low, high)
         check_range("min_snr_gamma", min_snr_gamma, 0, above=True)
         self.input_mode, self.sample_posterior = input, sample_posterior
         self.parameterization, self.min_snr_gamma = parameterization, min_snr_gamma
+        self.objective = objective
         self.schedule = make_schedule(**dict(schedule or {}))
+        self.time_sampler = TimeSampler(**dict(time_sampler or {}))
         self.sample_steps, self.sample_cfg, self.sample_eta = sample_steps, sample_cfg, sample_eta
+        self.sample_shift = sample_shift
+        self.guidance_interval = tuple(guidance_interval) if guidance_interval is not None else None
         self.log_prompts = list(log_prompts) if log_prompts else None
         self.betas, self.weight_decay, self.lr_warmup_steps = tuple(betas), weight_decay, lr_warmup_steps
         self.noise_seed = noise_seed
@@ -268,13 +293,20 @@ class LatentDiffusion(pl.LightningModule):
         return step_generator(seed, self.global_step, batch_idx % accumulate, self.global_rank, device=self.device)
 
     # ------------------------------------------------------------------ training
+    def loss(self, model: nn.Module, z: torch.Tensor, cond: Mapping[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The objective's Monte-Carlo loss on a batch of normalised latents (t and noise from ``generator``)."""
+        if self.objective == "flow":
+            return flow_loss(model, z, cond, time_sampler=self.time_sampler, generator=generator)
+        return diffusion_loss(model, z, self.schedule, self.parameterization, cond, self.min_snr_gamma,
+                              generator=generator)
+
     def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         if batch_missing(self, batch):
             return None
         gen = self._generator(batch_idx)
         z, cond = self.get_input(batch, train=True, generator=gen)
-        loss, logs = diffusion_loss(self.unet, z, self.schedule, self.parameterization, cond, self.min_snr_gamma,
-                                    generator=gen)
+        loss, logs = self.loss(self.unet, z, cond, gen)
         check_finite(loss, self.global_step, logs)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True, on_epoch=False,
                       batch_size=z.shape[0])
@@ -302,8 +334,7 @@ class LatentDiffusion(pl.LightningModule):
         for suffix, model in models.items():
             # The same t and noise for every validation run and both models: comparable numbers.
             gen = torch.Generator(device=self.device).manual_seed(batch_idx)
-            loss, _ = diffusion_loss(model, z, self.schedule, self.parameterization, cond, self.min_snr_gamma,
-                                     generator=gen)
+            loss, _ = self.loss(model, z, cond, gen)
             metrics[f"val/loss{suffix}"] = loss
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=z.shape[0])
 
@@ -311,26 +342,36 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def sample_latents(self, seeds: Sequence[int], labels: Sequence[int] | None = None,
                        texts: Sequence[str] | None = None, steps: int | None = None, eta: float | None = None,
-                       cfg: float | None = None, sampler: str = "ddim", use_ema: bool = True,
+                       cfg: float | None = None, sampler: str | None = None, use_ema: bool = True,
                        progress: bool = False) -> torch.Tensor:
-        """Normalised latents, one per seed; each depends only on its seed and condition."""
+        """Normalised latents, one per seed; each depends only on its seed and condition. ``sampler`` None is the
+        objective's default (``DEFAULT_SAMPLER``); a sampler of the other objective is refused."""
         if int(self.latent_shape[0]) == 0:
             raise RuntimeError("latent_shape is unknown: set model.params.latent_shape (or latent_stats)")
+        sampler = sampler or DEFAULT_SAMPLER[self.objective]
+        if sampler not in SAMPLERS[self.objective]:
+            raise ValueError(f"sampler {sampler!r} does not fit objective={self.objective!r}: use one of "
+                             f"{SAMPLERS[self.objective]}")
         n = len(seeds)
         cond, uncond = self.conditioning.for_sampling(n, self.device, labels, texts)
         scale = self.sample_cfg if cfg is None else cfg
-        kw = dict(shape=self.latent_shape.tolist(), seeds=list(seeds), schedule=self.schedule,
-                  kind=self.parameterization, cond=cond, uncond=uncond if scale != 1.0 else None,
-                  guidance_scale=scale if uncond is not None else 1.0, device=self.device, progress=progress)
+        guide = dict(cond=cond, uncond=uncond if scale != 1.0 else None,
+                     guidance_scale=scale if uncond is not None else 1.0, device=self.device, progress=progress)
         model = self.inference_unet(use_ema)
+        if self.objective == "flow":
+            if eta:
+                raise ValueError("eta is a DDIM setting; a flow model's stochastic sampler is 'euler_maruyama'")
+            return sample_flow(model, shape=self.latent_shape.tolist(), seeds=list(seeds), sampler=sampler,
+                               steps=steps or self.sample_steps, shift=self.sample_shift,
+                               guidance_interval=self.guidance_interval, **guide)
+        kw = dict(shape=self.latent_shape.tolist(), seeds=list(seeds), schedule=self.schedule,
+                  kind=self.parameterization, **guide)
         if sampler == "ddim":
             return sample_ddim(model, steps=steps or self.sample_steps,
                                eta=self.sample_eta if eta is None else eta, **kw)
         if sampler == "ddpm":
             return sample_ddpm(model, steps=steps or self.sample_steps, **kw)
-        if sampler == "dpmpp2m":
-            return sample_dpmpp_2m(model, steps=steps or self.sample_steps, **kw)
-        raise ValueError(f"sampler must be 'ddim', 'ddpm' or 'dpmpp2m', got {sampler!r}")
+        return sample_dpmpp_2m(model, steps=steps or self.sample_steps, **kw)
 
     @torch.no_grad()
     def decode(self, z_norm: torch.Tensor) -> torch.Tensor:

@@ -46,18 +46,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 class Attention(nn.Module):
     """Multi-head attention over token sequences (B, N, C); cross-attention when ``context`` is given.
 
-    Parameter names (to_q/to_k/to_v/to_out.0) follow LDM's CrossAttention.
+    Parameter names (to_q/to_k/to_v/to_out.0) follow LDM's CrossAttention. ``qkv_bias`` adds biases to the
+    q/k/v projections (off, as in LDM; DiT's timm attention has them, which its published sizes count).
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, qkv_bias: bool = False):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
