@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PHOTOS := /usr/share/games/endless-sky/images/land
 # Two CPU cores are the reference machine: keep BLAS/OpenMP from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
 
@@ -25,13 +26,21 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-# Debian ships Fashion-MNIST as a package; install it when we can (root on Debian) and it is missing.
+# Debian ships Fashion-MNIST and the endless-sky photos (ldm.data.PhotoCrops) as packages; install them when we
+# can (root on Debian) and they are missing.
 data:
 	@if [ ! -f $(FMNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
 	  else \
 	    echo "Fashion-MNIST not found at $(FMNIST): run 'sudo apt-get install dataset-fashion-mnist' or set data roots (README)"; \
+	  fi; \
+	fi
+	@if [ ! -d $(PHOTOS) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq endless-sky-data || (apt-get update -qq && apt-get install -y -qq endless-sky-data)); \
+	  else \
+	    echo "endless-sky photos not found in $(PHOTOS): run 'sudo apt-get install endless-sky-data' (configs/data/photos64.yaml)"; \
 	  fi; \
 	fi
 

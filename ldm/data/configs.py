@@ -28,6 +28,8 @@ def deterministic(config: Mapping) -> dict:
     params = dict(config.get("params") or {})
     for key, value in (("flip", False), ("crop", "center"), ("shuffle", 0), ("resampled", False),
                        ("epoch_length", None)):
+        if key == "crop" and params.get(key) == "fixed":  # PhotoCrops' seeded fixed windows are deterministic
+            continue
         if key in params and params[key] != value:
             log.info("data: %s=%r -> %r for caching (deterministic preprocessing)", key, params[key], value)
             params[key] = value

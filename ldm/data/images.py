@@ -75,6 +75,16 @@ def list_images(root: Path, extensions: Iterable[str]) -> list[str]:
     return sorted(found)
 
 
+def check_folder(root: str | os.PathLike) -> Path:
+    """``root`` as a ``Path``; a clear error if it does not exist or is not a directory."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"image folder is not a directory: {root}")
+    return root
+
+
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """``{relpath: caption}`` from a JSON object, or a TSV (``.tsv``/``.txt``) / CSV (``.csv``) file."""
     path = Path(path)
@@ -100,23 +110,24 @@ class ImageFolder(Dataset):
 
     ``labels_from_subfolders``: class index = position of the first path component in the sorted list
     of sub-folder names. ``min_size``: images whose shorter side is smaller are skipped; all others are
-    resized (up or down) to ``size``. Returns ``None`` for bad files (use ``collate_skip_bad``).
+    resized (up or down) so that the shorter side is ``resize`` (``None``: ``size``), then a ``size`` square
+    is cropped (``crop``: ``center`` or ``random``; see ``ImageTransform``). ``files``: the relative paths to
+    use, in this order, instead of every image under ``root`` (``PhotoCrops`` passes one split's files).
+    Returns ``None`` for bad files (use ``collate_skip_bad``).
     """
 
     def __init__(self, root: str | os.PathLike, size: int, crop: Literal["random", "center"] = "center",
                  flip: bool = False, labels_from_subfolders: bool = False,
                  captions: str | os.PathLike | None = None, min_size: int = 16,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, resize: int | None = None,
+                 files: Sequence[str] | None = None):
         check_truncated_flag()
-        self.root = Path(root).expanduser()
-        if not self.root.exists():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        if not self.root.is_dir():
-            raise NotADirectoryError(f"image folder is not a directory: {self.root}")
-        self.files = list_images(self.root, extensions)
+        self.root = check_folder(root)
+        self.files = list_images(self.root, extensions) if files is None else list(files)
         if not self.files:
-            raise ValueError(f"no images with extensions {tuple(extensions)} found under {self.root}")
-        self.transform = ImageTransform(size, crop, flip)
+            raise ValueError(f"no images with extensions {tuple(extensions)} found under {self.root}"
+                             if files is None else f"ImageFolder({self.root}): the list of files is empty")
+        self.transform = ImageTransform(size, crop, flip, resize)
         self.min_size = min_size
         self.classes: list[str] | None = None
         self.labels: list[int] | None = None
@@ -151,17 +162,23 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def load(self, i: int) -> torch.Tensor | None:
+        """File ``i`` decoded as ``to_rgb_tensor`` returns it, or ``None`` (warned and counted) if it is bad."""
         if self._bad[i]:
             return None
         path = self.root / self.files[i]
         try:
             # Mode conversion (e.g. LAB, float TIFF) can fail too: that is a bad file, not a crash.
-            pixels = to_rgb_tensor(open_image(path, self.min_size))
+            return to_rgb_tensor(open_image(path, self.min_size))
         except (*DECODE_ERRORS, BadImageError) as e:
             self._bad[i] = True
             log.warning("skipping bad image %s: %s: %s [%d bad files so far in %s]", path, type(e).__name__, e,
                         self.skipped, self.root)
+            return None
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        pixels = self.load(i)
+        if pixels is None:
             return None
         sample: dict[str, Any] = {"image": self.transform.from_tensor(pixels), "key": self.files[i]}
         if self.labels is not None:

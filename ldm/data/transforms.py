@@ -71,34 +71,56 @@ def to_rgb_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (0..255) or float in [0, 1] -> float32 in [-1, 1]."""
+    # uint8 resize rounds and saturates itself; float (16-bit) bicubic can overshoot, so clamp.
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.clamp(0.0, 1.0)
+    return x * 2.0 - 1.0
+
+
 class ImageTransform:
     """PIL image -> (3, size, size) float tensor in [-1, 1].
 
-    Resizes the shorter side to ``size`` (bicubic, antialiased), crops a square (``"center"`` or
-    ``"random"``), optionally flips horizontally.
+    Resizes the shorter side to ``resize`` (bicubic, antialiased; ``None``: to ``size``), crops a ``size`` square
+    (``"center"`` or ``"random"``), optionally flips horizontally. ``resize > size`` trains on crops at a chosen
+    scale (e.g. 64x64 windows of a photo whose shorter side is 256) instead of on whole downscaled images.
+    Random crops and flips draw from torch's global RNG, as torchvision's transforms do: seeded per run, rank and
+    DataLoader worker by ``pl.seed_everything(workers=True)``, so a run is reproducible from its seed (the RNG state
+    is not checkpointed: a resumed run re-seeds it, so its crops after the resume differ from an uninterrupted run's).
     """
 
-    def __init__(self, size: int, crop: Literal["random", "center"] = "center", flip: bool = False):
+    def __init__(self, size: int, crop: Literal["random", "center"] = "center", flip: bool = False,
+                 resize: int | None = None):
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
-        self.size, self.crop, self.flip = size, crop, flip
-        steps = [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                 v2.RandomCrop(size) if crop == "random" else v2.CenterCrop(size)]
+        if resize is not None and resize < size:
+            raise ValueError(f"resize (the shorter side before cropping) must be >= size={size}, got {resize}")
+        self.size, self.crop, self.flip, self.resize = size, crop, flip, resize
+        self.scale = v2.Resize(size if resize is None else resize, interpolation=v2.InterpolationMode.BICUBIC,
+                               antialias=True)
+        steps = [v2.RandomCrop(size) if crop == "random" else v2.CenterCrop(size)]
         if flip:
             steps.append(v2.RandomHorizontalFlip(p=0.5))
-        self.geometry = v2.Compose(steps)
+        self.window = v2.Compose(steps)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.from_tensor(to_rgb_tensor(img))
 
     def from_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Same as ``__call__`` for the output of ``to_rgb_tensor``."""
-        x = self.geometry(x)
-        # uint8 resize rounds and saturates itself; float (16-bit) bicubic can overshoot, so clamp.
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.clamp(0.0, 1.0)
-        return x * 2.0 - 1.0
+        return self.crop_scaled(self.scale(x))
+
+    def crop_scaled(self, x: torch.Tensor, position: tuple[float, float] | None = None) -> torch.Tensor:
+        """The crop (and flip) of an image already resized by ``self.scale``, in [-1, 1]. ``position = (y, x)``, each
+        in [0, 1] of the free range (0: top/left edge, 1: bottom/right edge), takes that window instead, never
+        flipped: fixed crops for validation."""
+        if position is None:
+            return to_model_range(self.window(x))
+        top = round(position[0] * (x.shape[-2] - self.size))
+        left = round(position[1] * (x.shape[-1] - self.size))
+        return to_model_range(v2.functional.crop(x, top, left, self.size, self.size))
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, crop={self.crop!r}, flip={self.flip})"
+        return f"ImageTransform(size={self.size}, crop={self.crop!r}, flip={self.flip}, resize={self.resize})"
