@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoencoder.fused_norm import group_norm_silu
+
 
 def group_count(channels: int, preferred: int = 32) -> int:
     """Largest divisor of ``channels`` that is <= ``preferred`` (32 for SD widths, fewer for tiny ones).
@@ -27,19 +29,9 @@ def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
 
 
 def group_norm_silu_(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-    """``silu(norm(x))`` written into ``x`` itself (inference only; ``x`` is overwritten).
-
-    Same numbers as ``nn.GroupNorm`` up to float rounding: a centred two-pass variance whose statistics are
-    accumulated in fp32 also for bf16/fp16 ``x`` (a mean rounded to bf16 would cancel badly).
-    """
-    groups = x.unflatten(1, (norm.num_groups, -1))  # (B, G, C/G, H, W), a view in any layout
-    dims = (2, 3, 4)
-    groups.sub_(groups.mean(dims, keepdim=True, dtype=torch.float32))
-    var = torch.linalg.vector_norm(groups, dim=dims, keepdim=True, dtype=torch.float32).square_()
-    rstd = var.div_(groups[0, 0].numel()).add_(norm.eps).rsqrt_()
-    weight = norm.weight.view(1, norm.num_groups, -1, 1, 1)
-    groups.mul_(rstd * weight).add_(norm.bias.view_as(weight))
-    return F.silu(x, inplace=True)
+    """``silu(norm(x))`` written into ``x`` itself (inference only; ``x`` is overwritten); see
+    ``autoencoder.fused_norm.group_norm_silu``, which also picks the fused kernel where it is enabled."""
+    return group_norm_silu(x, norm, overwrite_input=True)
 
 
 def can_normalise_in_place(x: torch.Tensor) -> bool:
@@ -81,13 +73,13 @@ class ResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
-            h = self.conv1(F.silu(self.norm1(x)))
-            h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+            h = self.conv1(group_norm_silu(x, self.norm1))
+            h = self.conv2(self.dropout(group_norm_silu(h, self.norm2)))
             return self.shortcut(x) + h
         # Inference: in-place activations and residual add drop full-size temporaries (lower peak memory,
         # fewer allocations); the numbers are identical.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = F.silu(self.norm2(h), inplace=True)  # rebinding h frees conv1's output before conv2 runs
+        h = self.conv1(group_norm_silu(x, self.norm1, inplace=True))
+        h = group_norm_silu(h, self.norm2, inplace=True)  # rebinding h frees conv1's output before conv2 runs
         h = self.conv2(self.dropout(h))
         return _add_residual_(h, self.shortcut(x))
 
@@ -105,7 +97,7 @@ class ResnetBlock(nn.Module):
         skip = self.shortcut(x)
         h = self.conv1(group_norm_silu_(x, self.norm1))
         del x  # frees the concatenation before conv2
-        h = F.silu(self.norm2(h), inplace=True)
+        h = group_norm_silu(h, self.norm2, inplace=True)
         h = self.conv2(self.dropout(h))
         return _add_residual_(h, skip)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoencoder.blocks import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
+from autoencoder.fused_norm import group_norm_silu
 from autoencoder.smc import SMCResnetBlock
 
 
@@ -74,7 +74,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = _run_mid(self.mid, h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(group_norm_silu(h, self.norm_out))
 
 
 class Decoder(nn.Module):
@@ -123,4 +123,4 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(group_norm_silu(h, self.norm_out))

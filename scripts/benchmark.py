@@ -4,11 +4,16 @@
     python scripts/benchmark.py --suite encoder                # LiteVAE-S/B/M/L vs SD-VAE encoder, 256x256
     python scripts/benchmark.py --suite all --out bench.json   # full run (CPU: minutes; CUDA: bf16, batch 32)
     python scripts/benchmark.py --suite tiling --quick         # tiled vs whole encoding, 1024x1024
+    python scripts/benchmark.py --suite roofline               # FLOPs, minimum bytes, H200 bound (CPU counts)
+    python scripts/benchmark.py --suite profile --device cuda  # per-kernel tables, training fwd+bwd
 
 Suites: encoder (forward throughput), memory (inference peak in a fresh process; bytes saved for backward;
 CUDA training peak), dwt (fast Haar vs ptwt.wavedec2), cache (latent caching vs bare encoder forward),
 train-ae (full autoencoder training step, same decoder and loss), train-ldm (diffusion step on cached
-latents vs live encoding); by name only: tiling (LiteVAE-B encoding at 1024x1024, 512-px tiles vs whole).
+latents vs live encoding); by name only: tiling (LiteVAE-B encoding at 1024x1024, 512-px tiles vs whole),
+roofline (docs/benchmarks.md), profile. On CUDA in eager mode the encoder, train-ae and profile suites also run
+LiteVAE-B and SD-VAE with the fused GroupNorm+SiLU kernel (``... fused`` rows, ``_fused`` ratio keys);
+``--compile`` runs add ``_compiled`` to the ratio keys. Each ratio is printed next to its target.
 Timings interleave the candidates round-robin so that other load on the machine slows all of them alike;
 medians are reported. Defaults: CPU fp32; CUDA bf16 autocast, channels_last, batch 32.
 """
@@ -30,16 +35,20 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from autoencoder.fused_norm import use_fused_norm
 from autoencoder.litevae_encoder import LiteVAEEncoder
 from autoencoder.sd_vae import Encoder as SDEncoder
 from autoencoder.wavelets import haar_dwt_pyramid
 from ldm.tools.benchmarking import (count_saved_bytes, format_table, machine_info, peak_memory_growth,
-                              peak_rss_growth, time_round_robin)
+                                    peak_rss_growth, time_round_robin)
+from ldm.tools.benchmarking import synchronize as synchronize_device
 from ldm.util import count_params
 
 # Ratio key -> (target, "min" | "max"): what the issue asks of a CPU run.
 TARGETS = {
     "encoder_throughput_B_vs_sd": (4.5, "min"),
+    # Issue 12: keep the CPU throughput ratio within 5 % of the compute (FLOP) ratio.
+    "encoder_throughput_B_vs_flop_ratio": (0.95, "min"),
     "inference_peak_mem_B_vs_sd": (0.36, "max"),
     "train_saved_bytes_B_vs_sd": (0.6, "max"),
     "dwt_fwd_speedup_vs_ptwt": (3.0, "min"),
@@ -49,11 +58,30 @@ TARGETS = {
     "train_ae_step_speedup_B_vs_sd": (1.0, "min"),
 }
 
-# What the issue asks of a CUDA run (bf16, batch 32, 256x256); the other ratios are reported without a target.
+# What issue 12 asks of a CUDA run (bf16, batch 32, 256x256), eager and compiled (``_compiled`` keys), with
+# the fused GroupNorm+SiLU kernel off and on (``_fused`` keys); other ratios are reported without a target.
 GPU_TARGETS = {
-    "encoder_throughput_B_vs_sd": (2.5, "min"),
+    **{f"encoder_throughput_B_vs_sd{tag}": (2.5, "min") for tag in ("", "_fused", "_compiled")},
+    **{f"train_ae_step_speedup_B_vs_sd{tag}": (1.2, "min") for tag in ("", "_fused", "_compiled")},
+    "cache_vs_bare_encoder_throughput": (0.9, "min"),
     "inference_peak_mem_B_vs_sd": (0.36, "max"),
 }
+
+# The roofline's machine: NVIDIA H200 SXM, dense bf16 tensor-core peak and HBM3e bandwidth (issue 12).
+H200_PEAK_FLOPS, H200_PEAK_BYTES_PER_S = 989e12, 4.8e12
+
+
+def fused_variants(args) -> dict[str, bool]:
+    """Candidate suffix -> fused GroupNorm+SiLU kernel on/off. The kernel is measured where it can run:
+    CUDA, eager (under torch.compile the reference path is traced and Inductor fuses it), triton installed."""
+    from autoencoder.fused_norm import triton
+
+    measurable = torch.device(args.device).type == "cuda" and triton is not None and not args.compile
+    return {"": False, " fused": True} if measurable else {"": False}
+
+
+def ratio_tag(args, fused: bool = False) -> str:
+    return ("_compiled" if args.compile else "") + ("_fused" if fused else "")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -105,22 +133,39 @@ def suite_encoder(args, ratios: dict) -> list[dict]:
     flops = {n: flops_per_image(e, x, args) for n, e in eager.items()}
     encoders = {n: torch.compile(e) if args.compile else e for n, e in eager.items()}
 
-    def forward(enc):
-        with torch.inference_mode(), autocast(args):
+    def forward(enc, fused):
+        with torch.inference_mode(), autocast(args), use_fused_norm(fused):
             return enc(x)
-    secs = timed({n: (lambda e=e: forward(e)) for n, e in encoders.items()}, args, 3, 5, warmup=int(args.compile))
+    # LiteVAE-B and SD-VAE also with the fused GroupNorm+SiLU kernel where it can run (CUDA eager).
+    candidates = {n: (n, False) for n in names}
+    for suffix, fused in fused_variants(args).items():
+        if fused:
+            candidates.update({n + suffix: (n, True) for n in ("LiteVAE-B", "SD-VAE")})
+    # Warm-up: compilation, and the Triton kernel's JIT on its first call (the eager models' warm-up was the
+    # FLOP count).
+    warmup = int(args.compile) + int(len(candidates) > len(names))
+    secs = timed({c: (lambda n=n, f=f: forward(encoders[n], f)) for c, (n, f) in candidates.items()}, args, 3, 5,
+                 warmup=warmup)
+    tag = ratio_tag(args)
     # Equal per-FLOP efficiency would make the throughput ratio equal to this compute ratio.
-    ratios["encoder_flop_ratio_sd_vs_B"] = round(flops["SD-VAE"] / flops["LiteVAE-B"], 3)
+    flop_ratio = flops["SD-VAE"] / flops["LiteVAE-B"]
+    ratios["encoder_flop_ratio_sd_vs_B"] = round(flop_ratio, 3)
+    ratios[f"encoder_throughput_B_vs_flop_ratio{tag}"] = round(secs["SD-VAE"] / secs["LiteVAE-B"] / flop_ratio, 3)
+    cuda = torch.device(args.device).type == "cuda"
     rows = []
-    for n in names:
-        ratio = secs["SD-VAE"] / secs[n]
+    for c, (n, fused) in candidates.items():
+        sd = "SD-VAE fused" if fused else "SD-VAE"
+        ratio = secs[sd] / secs[c]
         if n != "SD-VAE":
-            ratios[f"encoder_throughput_{n[-1]}_vs_sd"] = round(ratio, 3)
-        rows.append({"suite": "encoder", "name": n, "params": count_params(encoders[n]),
-                     "images_per_s": round(batch / secs[n], 3), "ratio_vs_sd_vae": round(ratio, 2),
-                     "gflop_per_image": round(flops[n] / 1e9, 1),
-                     "achieved_gflop_per_s": round(flops[n] * batch / secs[n] / 1e9, 1),
-                     "batch": batch, "resolution": args.resolution})
+            ratios[f"encoder_throughput_{n[-1]}_vs_sd{ratio_tag(args, fused)}"] = round(ratio, 3)
+        row = {"suite": "encoder", "name": c, "params": count_params(encoders[n]),
+               "images_per_s": round(batch / secs[c], 3), "ratio_vs_sd_vae": round(ratio, 2),
+               "gflop_per_image": round(flops[n] / 1e9, 1),
+               "achieved_gflop_per_s": round(flops[n] * batch / secs[c] / 1e9, 1),
+               "batch": batch, "resolution": args.resolution, "compiled": args.compile}
+        if cuda:  # against the H200's compute roof (the memory roof needs --suite roofline's byte count)
+            row["fraction_of_h200_flops"] = round(flops[n] * batch / secs[c] / H200_PEAK_FLOPS, 3)
+        rows.append(row)
     return rows
 
 
@@ -132,6 +177,83 @@ def flops_per_image(encoder: nn.Module, x: torch.Tensor, args) -> float:
     with counter, torch.inference_mode(), autocast(args):
         encoder(x)
     return counter.get_total_flops() / len(x)
+
+
+def activation_bytes(encoder: nn.Module, x: torch.Tensor, bytes_per_element: int = 2) -> dict[str, float]:
+    """Per image, the activation bytes a forward moves under three models (one call each):
+
+    - ``conv``: every convolution reads its input once and writes its output once; GroupNorm, SiLU, residual
+      adds and concatenations are fused into them (the ideal fusion; a lower bound for layer-by-layer
+      execution). Counted by forward hooks.
+    - ``conv+gn``: as ``conv`` plus one more read of every GroupNorm input for its statistics (what a fused
+      GroupNorm+SiLU kernel in front of each convolution needs at the least).
+    - ``every op``: every tensor operation reads its inputs and writes its output once (unfused eager
+      execution, all in bf16; under CUDA autocast GroupNorm's output is fp32, so eager moves more still).
+      Counted by a dispatch mode over the aten operations.
+
+    Weights are left out (read once per batch, amortised over batch 32); ``bytes_per_element`` 2 is bf16.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = {p.data_ptr() for p in encoder.parameters()}
+    totals = {"conv": 0, "gn": 0, "ops": 0}
+
+    def hook(kind):
+        def count(module, inputs, output):
+            totals[kind] += inputs[0].numel() + (output.numel() if kind == "conv" else 0)
+        return count
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket not in (torch.ops.aten.view, torch.ops.aten._unsafe_view, torch.ops.aten.detach,
+                                           torch.ops.aten.t, torch.ops.aten.permute, torch.ops.aten.unsqueeze):
+                flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+                totals["ops"] += sum(t.numel() for t in flat
+                                     if isinstance(t, torch.Tensor) and t.data_ptr() not in weights)
+            return out
+    handles = [m.register_forward_hook(hook("conv" if isinstance(m, nn.Conv2d) else "gn"))
+               for m in encoder.modules() if isinstance(m, (nn.Conv2d, nn.GroupNorm))]
+    try:
+        with torch.inference_mode():
+            encoder(x)
+        handles, old = [], handles
+        for h in old:
+            h.remove()
+        with torch.inference_mode(), CountOps():
+            encoder(x)
+    finally:
+        for h in handles:
+            h.remove()
+    conv = totals["conv"] * bytes_per_element / len(x)
+    return {"conv": conv, "conv+gn": conv + totals["gn"] * bytes_per_element / len(x),
+            "every op": totals["ops"] * bytes_per_element / len(x)}
+
+
+def suite_roofline(args, ratios: dict) -> list[dict]:
+    """FLOPs and minimum activation bytes per image (counted on CPU, one forward each), and the H200's
+    upper bound on images/s: min(peak FLOP/s / FLOPs, bandwidth / bytes). Docs: docs/benchmarks.md."""
+    x = torch.rand(1, 3, args.resolution, args.resolution) * 2 - 1
+    ridge = H200_PEAK_FLOPS / H200_PEAK_BYTES_PER_S
+    rows = []
+    for n in ("LiteVAE-B", "SD-VAE"):
+        enc = build_encoder(n).eval()
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            enc(x)
+        flops = counter.get_total_flops()
+        for model, nbytes in activation_bytes(enc, x).items():
+            intensity = flops / nbytes
+            bound = min(H200_PEAK_FLOPS / flops, H200_PEAK_BYTES_PER_S / nbytes)
+            rows.append({"suite": "roofline", "name": n, "bytes_model": model, "gflop_per_image": round(flops / 1e9, 2),
+                         "min_mbytes_per_image": round(nbytes / 1e6, 1), "flop_per_byte": round(intensity, 1),
+                         "h200_ridge_flop_per_byte": round(ridge, 1),
+                         "binding_limit": "compute" if intensity >= ridge else "memory",
+                         "h200_bound_images_per_s": round(bound), "resolution": args.resolution})
+            ratios[f"roofline_bound_images_per_s_{n}_{model.replace(' ', '_')}"] = round(bound)
+    return rows
 
 
 def _probe_command(name: str, args, batch: int) -> list[str]:
@@ -189,7 +311,7 @@ def suite_memory(args, ratios: dict) -> list[dict]:
         saved[label] = counted["bytes"] + (checkpoint_inputs_bytes(batch, args.resolution) if ckpt else 0)
         if torch.device(args.device).type == "cuda":
             saved[label + " cuda_train_peak"] = peak_memory_growth(
-                lambda: _train_forward_backward(enc, x, args), args.device)
+                lambda enc=enc: _train_forward_backward(enc, x, args), args.device)
         del enc
     mib = 2**20
     ratios["inference_peak_mem_B_vs_sd"] = round(inference["LiteVAE-B"] / inference["SD-VAE"], 3)
@@ -273,9 +395,22 @@ def _autoencoder(encoder: str, args, decoder_ch: int = 128, checkpointing: bool 
     return prepare(Autoencoder(enc_cfg, dec_cfg, z_channels=4), args)
 
 
+def _write_jpegs(folder: Path, n: int, resolution: int) -> None:
+    """``n`` smooth random RGB images as quality-90 JPEGs (upsampled noise: photo-like decode cost)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        low = torch.rand(1, 3, resolution // 16, resolution // 16, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(resolution, resolution), mode="bilinear")[0]
+        Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy()).save(folder / f"{i:06d}.jpg", quality=90)
+
+
 def suite_cache(args, ratios: dict) -> list[dict]:
     """The whole caching path (dataset, encode, posterior, fp16 npy into tar shards, statistics) vs the bare
-    encoder forward on the same images and batch size."""
+    encoder forward on the same images and batch size; and, as the second limit, image decoding alone: the
+    loader over JPEG files (decode, resize, crop) with the same workers, and caching from those files."""
+    from ldm.data import ImageFolder
     from ldm.data.latent_cache import CacheOptions, cache_rank
 
     batch = batch_for(args, 2, 8)
@@ -286,6 +421,10 @@ def suite_cache(args, ratios: dict) -> list[dict]:
     data = _RandomImages(n, args.resolution)
     x = torch.stack([data[i]["image"] for i in range(batch)]).to(args.device)
     tmp = tempfile.TemporaryDirectory()
+    jpegs = Path(tmp.name) / "jpeg"
+    jpegs.mkdir()
+    _write_jpegs(jpegs, n, args.resolution)
+    files = ImageFolder(jpegs, args.resolution)
     runs = iter(range(10**6))
 
     def bare():
@@ -293,13 +432,24 @@ def suite_cache(args, ratios: dict) -> list[dict]:
             with torch.no_grad(), autocast(args):
                 model.encoder(x)
 
-    def cache():
+    def cache(dataset=data):
         opts = CacheOptions(out_dir=f"{tmp.name}/{next(runs)}", batch_size=batch, samples_per_shard=n,
                             precision="bf16" if args.bf16 else "fp32", num_workers=workers)
-        cache_rank(model, data, opts, device=args.device)
-    secs = timed({"bare encoder": bare, "cache_latents": cache}, args, 2, 3)
+        cache_rank(model, dataset, opts, device=args.device)
+
+    def decode_only():
+        loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers,
+                                             pin_memory=torch.device(args.device).type == "cuda")
+        for b in loader:
+            b["image"].to(args.device, non_blocking=True)
+        synchronize_device(args.device)
+    fns = {"bare encoder": bare, "cache_latents": cache, "decode only (JPEG loader)": decode_only,
+           "cache_latents (JPEG files)": lambda: cache(files)}
+    secs = timed(fns, args, 2, 3)
     tmp.cleanup()
     ratios["cache_vs_bare_encoder_throughput"] = round(secs["bare encoder"] / secs["cache_latents"], 3)
+    ratios["decode_only_vs_bare_encoder_throughput"] = round(secs["bare encoder"] / secs["decode only (JPEG loader)"], 3)
+    ratios["cache_jpeg_vs_bare_encoder_throughput"] = round(secs["bare encoder"] / secs["cache_latents (JPEG files)"], 3)
     return [{"suite": "cache", "name": k, "images_per_s": round(n / s, 2),
              "ratio_vs_bare": round(secs["bare encoder"] / s, 3), "images": n, "batch": batch,
              "resolution": args.resolution, "workers": workers, "encoder": "LiteVAE-B"} for k, s in secs.items()]
@@ -354,17 +504,23 @@ def suite_train_ae(args, ratios: dict) -> list[dict]:
         model = _autoencoder(name.split(" ")[0], args, checkpointing="checkpointing" in name).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
 
-        def step(model=model, opt=opt):
-            with autocast(args):
+        def step(model=model, opt=opt, fused=False):
+            with autocast(args), use_fused_norm(fused):
                 xrec, posterior = model(x)
                 g_loss, _ = loss.generator_loss(x, xrec, posterior, 1, last_layer=model.last_layer)
             g_loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         steps[name] = step
-    secs = timed(steps, args, 2, 3)
-    ratios["train_ae_step_speedup_B_vs_sd"] = round(secs["SD-VAE"] / secs["LiteVAE-B"], 3)
-    ratios["train_ae_step_speedup_B_ckpt_vs_sd"] = round(secs["SD-VAE"] / secs["LiteVAE-B (checkpointing)"], 3)
+        for suffix, fused in fused_variants(args).items():
+            if fused and "checkpointing" not in name:
+                steps[name + suffix] = lambda step=step: step(fused=True)
+    secs = timed(steps, args, 2, 3, warmup=1 + int(args.compile))
+    for suffix, fused in fused_variants(args).items():
+        tag = ratio_tag(args, fused)
+        ratios[f"train_ae_step_speedup_B_vs_sd{tag}"] = round(secs["SD-VAE" + suffix] / secs["LiteVAE-B" + suffix], 3)
+    ratios[f"train_ae_step_speedup_B_ckpt_vs_sd{ratio_tag(args)}"] = round(
+        secs["SD-VAE"] / secs["LiteVAE-B (checkpointing)"], 3)
     return [{"suite": "train-ae", "name": n, "s_per_step": round(s, 3), "speedup_vs_sd_vae":
              round(secs["SD-VAE"] / s, 3), "batch": batch, "resolution": resolution} for n, s in secs.items()]
 
@@ -404,13 +560,58 @@ def suite_train_ldm(args, ratios: dict) -> list[dict]:
              "image_resolution": resolution} for n, s in secs.items()]
 
 
+def suite_profile(args, ratios: dict) -> list[dict]:
+    """Per-kernel profile of one training forward+backward of LiteVAE-B and SD-VAE (and with the fused
+    GroupNorm+SiLU kernel where it runs): the top kernels by self device time (CPU: self CPU time), printed
+    in full and returned as rows."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(args.device).type == "cuda"
+    batch = batch_for(args, 1, 1)
+    x = images(args, batch)
+    rows = []
+    for name in ("LiteVAE-B", "SD-VAE"):
+        enc = prepare(build_encoder(name), args).train()
+        for suffix, fused in fused_variants(args).items():
+            def step(enc=enc, fused=fused):
+                _train_forward_backward_fused(enc, x, args, fused)
+            step()  # warm-up: cuDNN autotuning, Triton JIT
+            synchronize_device(args.device)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                step()
+                synchronize_device(args.device)
+            events = prof.key_averages()
+            attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+            # On CUDA the kernels themselves (device events), so that no time is counted twice through the
+            # aten ops that launched them.
+            kernels = [e for e in events if not cuda or e.device_type == torch.autograd.DeviceType.CUDA] or events
+            total = sum(getattr(e, attr) for e in kernels)
+            top = sorted(kernels, key=lambda e: getattr(e, attr), reverse=True)[:12]
+            print(f"\n{name}{suffix}: forward+backward, batch {batch}, {args.resolution}², "
+                  f"{total / 1e3:.1f} ms self time in all")
+            print(events.table(sort_by=attr, row_limit=25))
+            ratios[f"profile_fwd_bwd_ms_{name}{ratio_tag(args, fused)}"] = round(total / 1e3, 2)
+            rows += [{"suite": "profile", "name": name + suffix, "kernel": e.key[:70],
+                      "self_ms": round(getattr(e, attr) / 1e3, 3), "calls": e.count,
+                      "share": round(getattr(e, attr) / total, 3)} for e in top]
+        del enc
+    return rows
+
+
+def _train_forward_backward_fused(enc: nn.Module, x: torch.Tensor, args, fused: bool) -> None:
+    with use_fused_norm(fused):
+        _train_forward_backward(enc, x, args)
+
+
 # Memory first: its fresh-process RSS probe measured 122/266 MiB (LiteVAE-B/SD-VAE) when the parent had run
 # nothing yet but 745/641 MiB after the parent had run the encoder suite (cause not established; the
 # allocated-bytes figure was 110.6/256.6 MiB both times), so `--suite all` matches `--suite memory`.
 SUITES = {"memory": suite_memory, "encoder": suite_encoder, "dwt": suite_dwt, "cache": suite_cache,
           "train-ae": suite_train_ae, "train-ldm": suite_train_ldm}
-# Run only by name (--suite tiling): fixed 1024x1024 images, minutes on a CPU, so not part of `--suite all`.
-EXTRA_SUITES = {"tiling": suite_tiling}
+# Run only by name: tiling (fixed 1024x1024 images, minutes on a CPU); roofline (counts, no timing; on CPU);
+# profile (per-kernel tables of a training forward+backward; meant for CUDA).
+EXTRA_SUITES = {"tiling": suite_tiling, "roofline": suite_roofline, "profile": suite_profile}
 
 
 # -------------------------------------------------------------------------------------------------- CLI

@@ -10,6 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -20,7 +21,8 @@ RATIO_KEYS = {
     "encoder_throughput_S_vs_sd", "encoder_throughput_B_vs_sd", "inference_peak_mem_B_vs_sd",
     "train_saved_bytes_B_vs_sd", "train_saved_bytes_B_ckpt_vs_sd", "dwt_fwd_speedup_vs_ptwt",
     "dwt_fwdbwd_speedup_vs_ptwt", "dwt_max_abs_err", "cache_vs_bare_encoder_throughput",
-    "train_ae_step_speedup_B_vs_sd", "train_ldm_cached_vs_live_speedup",
+    "train_ae_step_speedup_B_vs_sd", "train_ldm_cached_vs_live_speedup", "encoder_throughput_B_vs_flop_ratio",
+    "decode_only_vs_bare_encoder_throughput", "cache_jpeg_vs_bare_encoder_throughput",
 }
 
 
@@ -54,3 +56,26 @@ def test_all_suites_tiny_report_every_ratio(tmp_path):
     assert {r["suite"] for r in result["results"]} == {"encoder", "memory", "dwt", "cache", "train-ae",
                                                        "train-ldm"}
     assert result["machine"]["torch"] == torch.__version__
+
+
+def test_activation_bytes_match_hand_count():
+    """conv: each convolution's input and output once; conv+gn: plus each GroupNorm input once (bf16)."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(), nn.Conv2d(4, 2, 1))
+    counted = _load_script().activation_bytes(net, torch.randn(2, 3, 8, 8))
+    pixels = 8 * 8
+    conv = 2 * ((3 + 4) + (4 + 2)) * pixels
+    assert counted["conv"] == conv and counted["conv+gn"] == conv + 2 * 4 * pixels
+    # Unfused: conv1 in/out, GroupNorm in/out, SiLU in/out, conv2 in/out (plus GroupNorm's per-group stats).
+    assert counted["every op"] >= 2 * (7 + 8 + 8 + 6) * pixels
+
+
+def test_roofline_suite_bounds(tmp_path):
+    out = tmp_path / "roofline.json"
+    assert _load_script().main(["--suite", "roofline", "--resolution", "32", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["name"], r["bytes_model"]) for r in rows} == {(n, m) for n in ("LiteVAE-B", "SD-VAE")
+                                                           for m in ("conv", "conv+gn", "every op")}
+    for r in rows:  # the bound is the lower of the two roofs
+        flops, nbytes = r["gflop_per_image"] * 1e9, r["min_mbytes_per_image"] * 1e6
+        assert r["h200_bound_images_per_s"] == pytest.approx(min(989e12 / flops, 4.8e12 / nbytes), rel=2e-2)
+        assert r["binding_limit"] == ("compute" if flops / nbytes >= 989 / 4.8 else "memory")
