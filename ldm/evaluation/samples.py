@@ -1,4 +1,5 @@
-"""Sample metrics: reference statistics computed once and cached, FID/KID of samples, class accuracy."""
+"""Sample metrics: reference statistics computed once and cached, FID/KID and precision/recall of samples (all
+from the same detector features), class accuracy."""
 from __future__ import annotations
 
 import hashlib
@@ -26,6 +27,7 @@ from ldm.metrics.fid import (
     load_stats,
     save_stats,
 )
+from ldm.metrics.precision_recall import precision_recall
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def source_features(source: ImageSource, detector: Detector, device: torch.devic
 class ReferenceStats:
     mu: np.ndarray
     sigma: np.ndarray
-    features: np.ndarray | None  # kept only when KID needs them
+    features: np.ndarray | None  # kept only when KID or precision/recall need them
     meta: dict
     from_cache: bool
 
@@ -73,17 +75,19 @@ def reference_stats(source: ImageSource, detector: Detector, cache_path: str | P
         if features is not None or not keep_features:
             log.info("reference statistics reused from %s (%d images)", cache, meta.get("count", -1))
             return ReferenceStats(mu, sigma, features, meta, from_cache=True)
-        log.info("%s has no reference features (needed for KID): recomputing", cache)
+        log.info("%s has no reference features (needed for the kernel distance or precision/recall): "
+                 "recomputing", cache)
     features = source_features(source, detector, device, progress)
     mu, sigma = feature_statistics(features)
     meta = {"key": key, "detector": detector.identity, "ref": source.identity(), "count": len(features)}
+    kept = features.astype(np.float32) if keep_features else None  # as cached: a rerun gives the same numbers
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_stats(cache, mu, sigma, meta)
-        if keep_features:
-            np.save(_features_path(cache), features.astype(np.float32))
+        if kept is not None:
+            np.save(_features_path(cache), kept)
         log.info("reference statistics of %d images written to %s", len(features), cache)
-    return ReferenceStats(mu, sigma, features if keep_features else None, meta, from_cache=False)
+    return ReferenceStats(mu, sigma, kept, meta, from_cache=False)
 
 
 def _given_stats(path: Path, detector: Detector, keep_features: bool) -> ReferenceStats:
@@ -94,23 +98,29 @@ def _given_stats(path: Path, detector: Detector, keep_features: bool) -> Referen
         raise ValueError(f"{path} was computed with detector {meta['detector']}, not {detector.identity}")
     features = np.load(_features_path(path)) if _features_path(path).is_file() else None
     if keep_features and features is None:
-        raise ValueError(f"KID needs reference features, but {path} holds only statistics; pass the reference "
-                         f"images (folder, .npz or data config) as --ref")
+        raise ValueError(f"the kernel distance and precision/recall need reference features, but {path} holds only "
+                         f"statistics; pass the reference images (folder, .npz or data config) as --ref")
     return ReferenceStats(mu, sigma, features, meta, from_cache=True)
 
 
 # ------------------------------------------------------------------------------------ sample metrics
 def evaluate_samples(samples: ImageSource, ref: ReferenceStats, detector: Detector, with_kid: bool = False,
                      kid_subsets: int = 100, kid_subset_size: int = 1000, device: torch.device | str = "cpu",
-                     progress: bool = True) -> dict:
-    """FID (and KID) of the images of ``samples`` against ``ref``."""
+                     progress: bool = True, with_precision_recall: bool = False, pr_k: int = 3) -> dict:
+    """FID (and KID, precision/recall with k-NN manifolds of ``pr_k``) of the images of ``samples`` against
+    ``ref``, all from the same ``detector`` features. Keys are the Inception names (``fid``, ``kid_mean``...);
+    outputs rename them with ``detector.named`` so that random features are never called FID/KID."""
     features = source_features(samples, detector, device, progress)
     out = {"fid": frechet_distance(*feature_statistics(features), ref.mu, ref.sigma),
            "n_samples": len(features), "n_ref": ref.meta.get("count")}
+    if (with_kid or with_precision_recall) and ref.features is None:
+        raise ValueError("the kernel distance and precision/recall need the reference features; compute the "
+                         "reference with keep_features=True")
     if with_kid:
-        if ref.features is None:
-            raise ValueError("KID needs the reference features; compute the reference with keep_features=True")
         out["kid_mean"], out["kid_std"] = kid(features, ref.features, kid_subsets, kid_subset_size)
+    if with_precision_recall:
+        out.update(precision_recall(ref.features, features, k=pr_k, device=device))
+        out["pr_k"] = pr_k
     return out
 
 

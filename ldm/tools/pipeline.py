@@ -11,9 +11,11 @@ import csv
 import datetime
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -41,11 +43,15 @@ class Pipeline:
     """Runs named stages once each; completion, timing and results live in ``<out_dir>/state.json``.
 
     ``echo`` receives the lines a user should see (the commands, skips); ``runner`` executes a command
-    (``subprocess.run`` by default; tests pass a fake).
+    (``subprocess.run`` by default; tests pass a fake). Stages may run from several threads at once (independent
+    chains, ``ldm.tools.compare``): the state is updated and saved under a lock. ``threads`` sets
+    ``OMP_NUM_THREADS`` of the commands (e.g. 1 each when two chains share two cores).
     """
 
     def __init__(self, out_dir: str | Path, cwd: str | Path = ROOT, echo: Callable[[str], None] = print,
-                 runner: Callable[[list[str]], None] | None = None):
+                 runner: Callable[[list[str]], None] | None = None, threads: int | None = None):
+        self._lock = threading.RLock()
+        self.threads = threads
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cwd = Path(cwd)
@@ -57,12 +63,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ state
     def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, default=str))
-        tmp.replace(self.state_path)  # atomic: an interrupt never leaves half a state file
+        with self._lock:
+            tmp = self.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=1, default=str))
+            tmp.replace(self.state_path)  # atomic: an interrupt never leaves half a state file
 
     def entry(self, name: str) -> dict:
-        return self.state["stages"].setdefault(name, {})
+        with self._lock:
+            return self.state["stages"].setdefault(name, {})
 
     def is_done(self, name: str) -> bool:
         """Finished, and every path it recorded as an output still exists (deleted outputs re-run it)."""
@@ -78,7 +86,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ stages
     def _subprocess(self, cmd: list[str]) -> None:
-        subprocess.run(cmd, cwd=self.cwd, check=True)
+        env = None if self.threads is None else {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        subprocess.run(cmd, cwd=self.cwd, check=True, env=env)
 
     def command(self, name: str, cmd: Command | Callable[[], Command],
                 collect: Callable[[], dict] | None = None, outputs: Callable[[dict], list] | None = None) -> dict:
@@ -89,8 +98,9 @@ class Pipeline:
         """
         def body() -> dict:
             args = [str(a) for a in (cmd() if callable(cmd) else cmd)]
-            self.entry(name)["command"] = args
-            self._save()
+            with self._lock:
+                self.entry(name)["command"] = args
+                self._save()
             self.echo(f"\n$ {display(args)}")
             self.runner(args)
             return collect() if collect else {}
@@ -102,21 +112,24 @@ class Pipeline:
             entry = self.state["stages"][name]
             self.echo(f"[done] {name} ({entry['seconds']:.0f} s, recorded in {self.state_path})")
             return entry.get("result", {})
-        entry = self.entry(name)
-        entry.update(status="running", started=entry.get("started") or timestamp())
-        self._save()
+        with self._lock:
+            entry = self.entry(name)
+            entry.update(status="running", started=entry.get("started") or timestamp())
+            self._save()
         t0 = time.time()
         try:
             result = fn()
         except BaseException:
-            entry["interrupted_seconds"] = entry.get("interrupted_seconds", 0.0) + time.time() - t0
-            entry["status"] = "interrupted"
-            self._save()
+            with self._lock:
+                entry["interrupted_seconds"] = entry.get("interrupted_seconds", 0.0) + time.time() - t0
+                entry["status"] = "interrupted"
+                self._save()
             raise
-        seconds = time.time() - t0 + entry.pop("interrupted_seconds", 0.0)
-        entry.update(status="done", seconds=seconds, result=result,
-                     outputs=[str(p) for p in (outputs(result) if outputs else [])])
-        self._save()
+        with self._lock:
+            seconds = time.time() - t0 + entry.pop("interrupted_seconds", 0.0)
+            entry.update(status="done", seconds=seconds, result=result,
+                         outputs=[str(p) for p in (outputs(result) if outputs else [])])
+            self._save()
         log.info("stage %s done in %.0f s", name, seconds)
         return result
 
