@@ -86,7 +86,7 @@ def stage2_and_samples(pipe: Pipeline, args: argparse.Namespace, latents: Path) 
 def accuracy(pipe: Pipeline, args: argparse.Namespace, samples: Path) -> dict:
     result_file = samples / "eval.json"
     pipe.command("evaluate", [PY, "scripts/eval_fid.py", "--samples", samples / "samples.npz", "--ref", args.data,
-                              "--ref-split", "validation", "--detector", args.detector,
+                              "--ref-split", "validation", "--max-ref", 500, "--detector", args.detector,
                               "--classifier-data", args.data, "--classifier-cache",
                               Path(args.state_dir) / "classifier.pt", "--out", result_file],
                  outputs=lambda _: [result_file])

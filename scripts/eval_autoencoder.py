@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from ldm.tools.args import check_output_file, non_negative_int, positive_int
 from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder, markdown_table
+from ldm.evaluation.autoencoder import load_real_features, save_real_features
 from ldm.checkpoints import load_first_stage, resolve_source
 from ldm.metrics.lpips import build_lpips
 from ldm.precision import PRECISIONS, GuardedAutoencoder
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                       "(default_1.pt, TorchScript detector or Inception .pth) | "
                                                       "random (smoke test only)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.add_argument("--real-features-cache", help=".npz keeping the original images' detector features: evaluations "
+                                                 "of other autoencoders on the same images reuse them")
     p.add_argument("--out", help="results JSON (a markdown table is written next to it, .md)")
     return p.parse_args(argv)
 
@@ -104,14 +107,22 @@ def main(argv: list[str] | None = None) -> dict:
                     "with any published number", detector.metric_name("rfid"))
     lpips = lpips.to(device) if lpips is not None else None
     rows = []
+    key = json.dumps({"detector": None if detector is None else detector.identity, "data": data_cfg,
+                      "split": args.split, "max_samples": args.max_samples, "resolutions": args.resolutions},
+                     sort_keys=True, default=str)
     for name, model, info in models:
         loader = data_loader(data_cfg, args.batch_size, args.workers, args.max_samples)
+        real = load_real_features(args.real_features_cache, key) if detector is not None else None
         try:
             first_stage = tiled(GuardedAutoencoder(model, args.precision), args.tile, args.tile_overlap)
             results = evaluate_autoencoder(first_stage, loader, args.resolutions, lpips, detector, device,
-                                           args.max_samples)
+                                           args.max_samples, real_features=real,
+                                           return_real_features=bool(args.real_features_cache))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        computed = {r: m.pop("real_features") for r, m in results.items() if "real_features" in m}
+        if computed and args.real_features_cache:
+            save_real_features(args.real_features_cache, key, computed)
         named = detector.named if detector is not None else dict
         rows += [{"weights": name, "resolution": r, **named(metrics)} for r, metrics in results.items()]
     report = {"command": sys.argv if argv is None else ["eval_autoencoder.py", *argv],

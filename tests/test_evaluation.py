@@ -113,6 +113,26 @@ def test_eval_autoencoder_matches_library_metrics(run_dir, tmp_path):  # noqa: F
     assert rows[("ema", 32)]["psnr"] != rows[("raw", 32)]["psnr"]
 
 
+def test_eval_autoencoder_reuses_cached_real_features(run_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--real-features-cache: the second evaluation on the same images computes only the reconstructions'
+    features and gives the same numbers; another image count is a cache miss."""
+    script = load_script("eval_autoencoder")
+    common = ["--ae", str(run_dir), "--data", str(fmnist_yaml(tmp_path / "d.yaml")), "--detector", "random",
+              "--no-lpips", "--batch-size", "4", "--device", "cpu", "--weights", "ema",
+              "--real-features-cache", str(tmp_path / "real.npz")]
+    first = script.main([*common, "--max-samples", "6"])
+    calls = []
+    original = ev.evaluate_autoencoder.__globals__["_evaluate_batch"]
+    monkeypatch.setitem(ev.evaluate_autoencoder.__globals__, "_evaluate_batch",
+                        lambda *a: calls.append(a[-1] is not None) or original(*a))
+    second = script.main([*common, "--max-samples", "6"])
+    assert calls and all(calls)  # every batch got its real features from the cache
+    assert first["results"] == second["results"]
+    calls.clear()
+    script.main([*common, "--max-samples", "5"])
+    assert calls and not any(calls)
+
+
 def test_evaluate_autoencoder_lpips_and_factor_check(run_dir):  # noqa: F811
     ae, _ = load_first_stage(run_dir)
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1

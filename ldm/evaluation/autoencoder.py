@@ -1,6 +1,8 @@
 """Reconstruction metrics of an autoencoder at several resolutions: PSNR/SSIM, LPIPS, rFID."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -58,14 +60,37 @@ class _Accumulator:
         return out
 
 
+def load_real_features(path: str | Path | None, key: str) -> dict[int, np.ndarray] | None:
+    """Cached detector features of the original images (``{resolution: (N, D)}``), if ``path`` holds them for
+    ``key`` (detector, data, split, count): every autoencoder evaluated on the same images reuses them."""
+    if path is None or not Path(path).is_file():
+        return None
+    with np.load(path) as data:
+        if str(data["key"]) != key:
+            return None
+        return {int(name.split("_")[1]): data[name] for name in data.files if name.startswith("res_")}
+
+
+def save_real_features(path: str | Path, key: str, features: Mapping[int, np.ndarray]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, key=np.array(key), **{f"res_{r}": f for r, f in features.items()})
+    tmp.replace(path)  # atomic: two evaluations writing the same cache leave one whole file
+
+
 def evaluate_autoencoder(model: torch.nn.Module, batches: Iterable[Any], resolutions: Sequence[int] | None = None,
                          lpips: torch.nn.Module | None = None, detector: Detector | None = None,
                          device: torch.device | str = "cpu", max_samples: int | None = None,
-                         precision: str = "fp32", progress: bool = True) -> dict[int, dict]:
+                         precision: str = "fp32", progress: bool = True,
+                         real_features: Mapping[int, np.ndarray] | None = None,
+                         return_real_features: bool = False) -> dict[int, dict]:
     """PSNR/SSIM (mean and std over images), LPIPS and rFID (reconstructions vs originals) per resolution.
 
     ``batches``: float [-1, 1] NCHW tensors or dicts with ``"image"``; each batch is resized to every
     resolution (default: its own size). Returns ``{resolution: {"psnr", "psnr_std", "ssim", ..., "n"}}``.
+    ``real_features`` (``load_real_features``): the originals' detector features, in batch order, instead of
+    recomputing them; ``return_real_features`` puts the computed ones in ``result[r]["real_features"]``.
     """
     device = torch.device(device)
     factor = int(getattr(model, "downsample_factor", 8))
@@ -81,8 +106,9 @@ def evaluate_autoencoder(model: torch.nn.Module, batches: Iterable[Any], resolut
             x = x[:max_samples - seen]
         x = x.to(device).float()
         for r in resolutions or [x.shape[-1]]:
+            real = None if real_features is None else real_features[r][seen:seen + len(x)]
             _evaluate_batch(model, resize_images(x, r), acc.setdefault(r, _Accumulator()), lpips, detector,
-                            precision)
+                            precision, real)
         seen += len(x)
         bar.update(len(x))
         if max_samples is not None and seen >= max_samples:
@@ -90,10 +116,15 @@ def evaluate_autoencoder(model: torch.nn.Module, batches: Iterable[Any], resolut
     bar.close()
     if seen == 0:
         raise ValueError("evaluate_autoencoder: no images")
-    return {r: a.summary() for r, a in acc.items()}
+    results = {r: a.summary() for r, a in acc.items()}
+    if return_real_features and detector is not None and real_features is None:
+        for r, a in acc.items():
+            results[r]["real_features"] = np.concatenate(a.features["real"])
+    return results
 
 
-def _evaluate_batch(model, x: torch.Tensor, acc: _Accumulator, lpips, detector, precision: str) -> None:
+def _evaluate_batch(model, x: torch.Tensor, acc: _Accumulator, lpips, detector, precision: str,
+                    real: np.ndarray | None = None) -> None:
     rec = reconstruct(model, x, precision).clamp(-1, 1)  # saved images are clipped; metrics see the same
     acc.add("psnr", psnr(rec, x))
     acc.add("ssim", ssim(rec, x))
@@ -101,5 +132,5 @@ def _evaluate_batch(model, x: torch.Tensor, acc: _Accumulator, lpips, detector, 
         with torch.no_grad():
             acc.add("lpips", lpips(rec, x))
     if detector is not None:
-        acc.features["real"].append(detector.extractor(to_uint8(x)).cpu().numpy())
+        acc.features["real"].append(detector.extractor(to_uint8(x)).cpu().numpy() if real is None else real)
         acc.features["rec"].append(detector.extractor(to_uint8(rec)).cpu().numpy())

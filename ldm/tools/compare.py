@@ -69,12 +69,12 @@ class CompareOptions:
     """What to compare and with which budget. ``*_steps`` / ``*_minutes`` of None keep the configs' values."""
 
     out_dir: str = "outputs/compare_fmnist"
-    data: str = "configs/data/fmnist64_cache.yaml"  # cached for stage 2; its validation split is evaluated
+    data: str = "configs/data/fmnist64_compare.yaml"  # cached for stage 2; its validation split is evaluated
     photos: str | None = "configs/data/photos64.yaml"  # stage 1 again on natural photos (None: skip)
     arms: list[Arm] = field(default_factory=lambda: list(PAPER_RATIO_ARMS))
     repeats: int = 2
     ldm_config: str | None = None  # one stage-2 config for every arm (e.g. a DiT + flow model), else the arms'
-    ae_steps: int | None = None
+    ae_steps: int | None = 400  # per stage-1 run (Fashion-MNIST and photos), discriminator from step 200
     ae_minutes: float | None = None
     ldm_steps: int | None = 1000
     ldm_minutes: float | None = None
@@ -152,9 +152,10 @@ def stage1(pipe: Pipeline, arm: Arm, opts: CompareOptions, repeat: int, data: st
 
 def eval_autoencoder(pipe: Pipeline, name: str, ae_run: Path, data: str, opts: CompareOptions, detector: str,
                      out: Path) -> Path:
+    real = Path(opts.out_dir) / "eval" / f"real_{Path(data).stem}_{detector}_{opts.eval_samples}.npz"
     pipe.command(name, [PY, "scripts/eval_autoencoder.py", "--ae", ae_run, "--data", data, "--split",
                         "validation", "--weights", "ema", "--max-samples", opts.eval_samples, "--detector",
-                        detector, "--out", out],
+                        detector, "--real-features-cache", real, "--out", out],
                  outputs=lambda _: [out])
     return out
 
