@@ -7,13 +7,14 @@ PHOTOS := /usr/share/games/endless-sky/images/land
 # Two CPU cores are the reference machine: keep BLAS/OpenMP from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup data test test-fast demo compare bench gpu-extras clean help
+.PHONY: setup data test test-fast demo compare compare-dit bench gpu-extras clean help
 
 help:
 	@echo "make setup   create .venv with pinned packages"
 	@echo "make test    run the test suite (CPU)"
 	@echo "make demo    the whole pipeline on Fashion-MNIST 64x64 (CPU, <25 min)"
-	@echo "make compare LiteVAE vs SD-VAE downstream, on Fashion-MNIST (CPU, <60 min)"
+	@echo "make compare LiteVAE vs SD-VAE: cost, reconstruction (Fashion-MNIST, photos), downstream LDM (CPU, <60 min)"
+	@echo "make compare-dit  the same comparison with a DiT + flow-matching downstream model (reuses make compare's stage 1)"
 	@echo "make bench   all benchmark suites, quick CPU version"
 
 setup: $(VENV)/.installed
@@ -55,6 +56,9 @@ demo: setup data
 
 compare: setup data
 	$(PY) scripts/compare_encoders.py
+
+compare-dit: setup data
+	$(PY) scripts/compare_encoders.py --ldm-config configs/ldm/fmnist_dit_flow_tiny.yaml
 
 bench: setup
 	$(PY) scripts/benchmark.py --suite all --quick

@@ -74,9 +74,9 @@ class CompareOptions:
     arms: list[Arm] = field(default_factory=lambda: list(PAPER_RATIO_ARMS))
     repeats: int = 2
     ldm_config: str | None = None  # one stage-2 config for every arm (e.g. a DiT + flow model), else the arms'
-    ae_steps: int | None = 400  # per stage-1 run (Fashion-MNIST and photos), discriminator from step 200
+    ae_steps: int | None = 300  # per stage-1 run (Fashion-MNIST and photos), discriminator from step 150
     ae_minutes: float | None = None
-    ldm_steps: int | None = 1000
+    ldm_steps: int | None = 600
     ldm_minutes: float | None = None
     seeds: str = "0-299"  # 30 per class; Inception runs at ~5 img/s on 2 CPU cores, so counts stay small
     sample_batch: int = 100
