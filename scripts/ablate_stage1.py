@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Stage-1 ablation at an equal budget: variants of an autoencoder config, trained and evaluated alike.
 
-  python scripts/ablate_stage1.py                                   # configs/ablations/photos_stage1.yaml, 2 repeats
-  python scripts/ablate_stage1.py --steps 1600 --out outputs/ablate_photos_long
+  python scripts/ablate_stage1.py --out outputs/compare_fmnist      # after make compare: reuses its photo runs
+  python scripts/ablate_stage1.py --steps 1600 --out outputs/ablate_photos_long   # a longer budget, own folder
   python scripts/ablate_stage1.py --only litevae lite_tiny_gn2 --repeats 3 --out outputs/ablate_gn
 
 Each variant (config + key=value overrides, listed in --plan) is trained --repeats times (repeat r: main.py -s r)
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", default=d.plan, help="YAML with the data config and the variants")
     p.add_argument("--out", default=d.out_dir)
     p.add_argument("--repeats", type=positive_int, default=d.repeats)
-    p.add_argument("--steps", type=positive_int, help="stage-1 steps (default: each config's; discriminator halfway)")
+    p.add_argument("--steps", type=positive_int, default=d.steps,
+                   help="stage-1 steps per run (default: make compare's; the discriminator starts halfway)")
     p.add_argument("--detector", default=d.detector, help="auto | inception | fid-helper | random | PATH")
     p.add_argument("--eval-samples", type=positive_int, default=d.eval_samples)
     p.add_argument("--jobs", type=positive_int, default=d.jobs, help="runs at once (each with cpu_count/jobs threads)")

@@ -60,9 +60,10 @@ def parse_args(argv: list[str] | None = None) -> CompareOptions:
                                         "configs/ldm/fmnist_dit_flow_tiny.yaml: a DiT trained by flow matching)")
     p.add_argument("--jobs", type=positive_int, default=d.jobs,
                    help="(arm, repeat) chains run at once, each command with cpu_count/jobs threads (1: one at a time)")
-    p.add_argument("--ae-steps", type=positive_int, help="stage-1 steps (the discriminator starts halfway)")
+    p.add_argument("--ae-steps", type=positive_int, default=d.ae_steps,
+                   help="stage-1 steps per run (the discriminator starts halfway)")
     p.add_argument("--ae-minutes", type=positive_float, help="stage-1 wall-clock budget per run")
-    p.add_argument("--ldm-steps", type=positive_int, help="stage-2 steps")
+    p.add_argument("--ldm-steps", type=positive_int, default=d.ldm_steps, help="stage-2 steps per run")
     p.add_argument("--ldm-minutes", type=positive_float, help="stage-2 wall-clock budget per run")
     p.add_argument("--seeds", default=d.seeds, help="sample seeds (the same for every arm)")
     p.add_argument("--sample-batch", type=positive_int, default=d.sample_batch)

@@ -385,3 +385,16 @@ def test_a_downstream_variant_reuses_the_folders_stage_1_and_latents(tmp_path):
     assert all(arg(c, "--base") == "configs/ldm/fmnist_dit_flow_tiny.yaml" for c in fake.calls if "--base" in c)
     assert report.name == "report_fmnist_dit_flow_tiny.md" and (Path(opts.out_dir) / "report.md").is_file()
     assert (Path(opts.out_dir) / "plots_fmnist_dit_flow_tiny" / "metrics.png").is_file()
+
+
+def test_the_command_line_defaults_are_the_options_defaults():
+    """`make compare` (no flags) runs exactly CompareOptions() (budgets included)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare_encoders.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse_args([]) == CompareOptions()
+    assert script.parse_args(["--ae-steps", "7"]).ae_steps == 7

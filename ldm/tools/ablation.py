@@ -28,7 +28,7 @@ class AblationOptions:
     plan: str  # YAML: data + variants [{key, label, config, overrides}]
     out_dir: str = "outputs/ablate_photos"
     repeats: int = 2
-    steps: int | None = None
+    steps: int | None = field(default_factory=lambda: CompareOptions().ae_steps)  # make compare's stage-1 budget
     detector: str = "auto"
     eval_samples: int = 200
     only: list[str] = field(default_factory=list)  # variant keys to run (default: all)
