@@ -83,6 +83,18 @@ def test_deleted_output_makes_the_stage_run_again(tmp_path):
     assert len(calls) == 2
 
 
+def test_two_pipelines_on_one_folder_keep_each_others_stages(tmp_path):
+    """Two processes running different stages of one folder (each with its own in-memory state) lose nothing."""
+    a = Pipeline(tmp_path, echo=quiet, runner=lambda cmd: None)
+    b = Pipeline(tmp_path, echo=quiet, runner=lambda cmd: None)
+    a.command("a1", ["a1"])
+    b.command("b1", ["b1"])
+    a.command("a2", ["a2"])
+    stages = json.loads((tmp_path / "state.json").read_text())["stages"]
+    assert {n for n, e in stages.items() if e["status"] == "done"} == {"a1", "b1", "a2"}
+    assert Pipeline(tmp_path, echo=quiet).is_done("b1") and a.is_done("b1")  # a sees b's stage after saving
+
+
 def fake_run(logdir: Path, name: str, rows: list[dict] | None = None) -> Path:
     run = logdir / f"{timestamp()}_{name}"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)

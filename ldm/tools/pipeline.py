@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -44,13 +45,16 @@ class Pipeline:
 
     ``echo`` receives the lines a user should see (the commands, skips); ``runner`` executes a command
     (``subprocess.run`` by default; tests pass a fake). Stages may run from several threads at once (independent
-    chains, ``ldm.tools.compare``): the state is updated and saved under a lock. ``threads`` sets
-    ``OMP_NUM_THREADS`` of the commands (e.g. 1 each when two chains share two cores).
+    chains, ``ldm.tools.compare``): the state is updated and saved under a lock. Several processes may run
+    different stages of one folder (a ``--ldm-config`` variant next to an ablation): each save merges, under a
+    file lock, this process's stages into what is on disk. ``threads`` sets ``OMP_NUM_THREADS`` of the commands
+    (e.g. 1 each when two chains share two cores).
     """
 
     def __init__(self, out_dir: str | Path, cwd: str | Path = ROOT, echo: Callable[[str], None] = print,
                  runner: Callable[[list[str]], None] | None = None, threads: int | None = None):
         self._lock = threading.RLock()
+        self._touched: set[str] = set()  # the stages this process has recorded: its saves own them
         self.threads = threads
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,13 +67,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ state
     def _save(self) -> None:
-        with self._lock:
-            tmp = self.state_path.with_suffix(".tmp")
+        with self._lock, open(self.state_path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            on_disk = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
+            mine = {name: self.state["stages"][name] for name in self._touched}
+            self.state["stages"] = {**on_disk.get("stages", {}), **mine}  # other processes' stages kept
+            tmp = self.state_path.with_name(f"{STATE_FILE}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.state, indent=1, default=str))
             tmp.replace(self.state_path)  # atomic: an interrupt never leaves half a state file
 
     def entry(self, name: str) -> dict:
         with self._lock:
+            self._touched.add(name)
             return self.state["stages"].setdefault(name, {})
 
     def is_done(self, name: str) -> bool:
