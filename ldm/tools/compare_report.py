@@ -124,21 +124,23 @@ def cost_verdict(encoders: Mapping[str, Mapping[str, Any]], ref: str, other: str
 
 
 def metric_verdict(records: Mapping[str, Sequence[Mapping]], metric: Metric, ref: str, other: str,
-                   labels: Mapping[str, str], comparable: bool) -> str | None:
+                   labels: Mapping[str, str], comparable: bool) -> tuple[str, str] | None:
+    """``(outcome, sentence)``: outcome is "better" / "worse" (the reference arm, significant), "same" or
+    "untested"."""
     spreads = metric_spreads(records, metric)
     a, b = spreads[ref], spreads[other]
     if not a.n or not b.n:
         return None
     test = welch(a, b)
     if test.significant:
-        better = (test.difference > 0) == metric.higher_is_better
-        outcome = f"{labels[ref]} is {'better' if better else 'worse'}"
+        key = "better" if (test.difference > 0) == metric.higher_is_better else "worse"
+        outcome = f"{labels[ref]} is {key}"
     elif math.isnan(test.p):
-        outcome = "no test possible"
+        key, outcome = "untested", "no test possible"
     else:
-        outcome = "no difference beyond the run-to-run spread"
-    return (f"{label(metric, comparable)} {cell(metric, a)} vs {cell(metric, b)}: {outcome} — "
-            f"{test.describe()}")
+        key, outcome = "same", "no difference beyond the run-to-run spread"
+    return key, (f"{label(metric, comparable)} {cell(metric, a)} vs {cell(metric, b)}: {outcome} — "
+                 f"{test.describe()}")
 
 
 def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Mapping], labels: Mapping[str, str],
@@ -160,10 +162,8 @@ def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Map
             if found:
                 title = SECTION_TITLES[section].format(data=data_name)
                 lines.append(f"- **{title[0].upper() + title[1:]}** ({labels[ref]} vs {labels[other]}): "
-                             + "; ".join(found) + ".")
-                for v in found:
-                    key = ("better" if f"{labels[ref]} is better" in v else "worse" if f"{labels[ref]} is worse" in v
-                           else "untested" if "no test possible" in v else "same")
+                             + "; ".join(text for _, text in found) + ".")
+                for key, _ in found:
                     tally[key] += 1
         lines += ["", f"**In one line:** {labels[ref]} vs {labels[other]}: significantly better on {tally['better']}, "
                       f"significantly worse on {tally['worse']}, not distinguishable on {tally['same']} of the "
