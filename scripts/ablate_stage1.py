@@ -6,8 +6,8 @@
   python scripts/ablate_stage1.py --only litevae lite_tiny_gn2 --repeats 3 --out outputs/ablate_gn
 
 Each variant (config + key=value overrides, listed in --plan) is trained --repeats times (repeat r: main.py -s r)
-on the plan's data config and evaluated on its validation split (PSNR/SSIM/LPIPS/rFID). <out>/report.md: mean ±
-std per variant, the difference to the first variant with Welch's t-test, and validation curves. Re-running the
+on the plan's data config and evaluated on its validation split (PSNR/SSIM/LPIPS/rFID).
+<out>/report_ablation_<plan>.md (never make compare's report.md): mean ± std per variant, the difference to the first variant with Welch's t-test, and validation curves. Re-running the
 same command resumes where it stopped.
 """
 from __future__ import annotations

@@ -367,6 +367,26 @@ def test_ablation_trains_every_variant_with_its_overrides_on_the_plan_data(tmp_p
     assert "rec. RFD" in report and "FID" not in report  # random features are never called an FID
 
 
+def test_an_ablation_in_a_comparisons_folder_reuses_its_photo_runs_and_keeps_its_report(tmp_path):
+    """The documented route (ablate_stage1.py --out <make compare's folder>): the arms' photo runs are not trained
+    again, and the comparison's report.md / results.json are left as they were."""
+    from ldm.tools.ablation import AblationOptions, run_ablation
+
+    opts = options(tmp_path, repeats=1, photos="configs/data/photos64.yaml", arms=compare.PAPER_RATIO_ARMS)
+    compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=FakeCommands()), measure=fake_measure)
+    out = Path(opts.out_dir)
+    before = {name: (out / name).read_bytes() for name in ("report.md", "results.json")}
+    fake = FakeCommands()
+    ablation = AblationOptions(plan="configs/ablations/photos_stage1.yaml", out_dir=opts.out_dir, repeats=1,
+                               steps=opts.ae_steps, detector=opts.detector, eval_samples=opts.eval_samples, jobs=1,
+                               only=["litevae", "lite_tiny_gn2", "sd_vae"])
+    report = run_ablation(ablation, Pipeline(opts.out_dir, echo=quiet, runner=fake))
+    assert [arg(c, "-n") for c in fake.calls if c[1] == "main.py"] == ["lite_tiny_gn2_r0_photos_ae"]
+    assert report.name == "report_ablation_photos_stage1.md" and "| LiteVAE tiny, norm_groups 2" in report.read_text()
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert (out / "plots_ablation_photos_stage1" / "curves.png").is_file()
+
+
 def test_parallel_chains_run_the_same_commands_and_report(tmp_path):
     """--jobs 2: the (arm, repeat) chains run two at a time, each command with half the cores; the commands and
     the report are those of --jobs 1, and the sample evaluations still run one after another, last."""

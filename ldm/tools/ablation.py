@@ -73,6 +73,8 @@ def run_ablation(opts: AblationOptions, pipe: Pipeline | None = None, command: s
 def write_report(opts: AblationOptions, variants: Sequence[Arm], records: Mapping[str, Sequence[Mapping]],
                  runs: Mapping[str, Sequence[Mapping[str, Any]]], detector: str, command: str | None) -> Path:
     out = Path(opts.out_dir)
+    # Named after the plan: the ablation usually shares make compare's folder, whose report.md it must not replace.
+    tag = f"ablation_{Path(opts.plan).stem}"
     ref = variants[0]
     metrics = [m for m in METRICS if any(spread([r["photos"].get(m.key) for r in reps]).n for reps in records.values())]
     names = [label(m, detector != "random") for m in metrics]
@@ -91,9 +93,9 @@ def write_report(opts: AblationOptions, variants: Sequence[Arm], records: Mappin
                   f"`main.py -s r`); validation: the data config's validation split.", "",
               "Variants: " + "; ".join(f"`{v.key}`: `{v.ae_config}` {' '.join(v.ae_overrides)}" for v in variants), ""]
     figure = plot_curves(runs, [("photo_run", "val/psnr_ema", "val PSNR (EMA) [dB]"),
-                                ("photo_run", "train/rec", "reconstruction loss")], out / "curves.png")
+                                ("photo_run", "train/rec", "reconstruction loss")], out / f"plots_{tag}" / "curves.png")
     lines.append(f"![curves]({figure.relative_to(out).as_posix()})")
-    report = out / "report.md"
+    report = out / f"report_{tag}.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "results.json").write_text(json.dumps({"records": records, "detector": detector}, indent=1, default=str))
+    (out / f"results_{tag}.json").write_text(json.dumps({"records": records, "detector": detector}, indent=1, default=str))
     return report
