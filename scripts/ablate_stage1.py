@@ -7,8 +7,8 @@
 
 Each variant (config + key=value overrides, listed in --plan) is trained --repeats times (repeat r: main.py -s r)
 on the plan's data config and evaluated on its validation split (PSNR/SSIM/LPIPS/rFID).
-<out>/report_ablation_<plan>.md (never make compare's report.md): mean ± std per variant, the difference to the first variant with Welch's t-test, and validation curves. Re-running the
-same command resumes where it stopped.
+<out>/report_ablation_<plan>.md (never make compare's report.md): mean ± std per variant, the difference to
+the first variant with Welch's t-test, and validation curves. Re-running the same command resumes where it stopped.
 """
 from __future__ import annotations
 
