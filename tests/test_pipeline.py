@@ -365,6 +365,10 @@ def test_ablation_trains_every_variant_with_its_overrides_on_the_plan_data(tmp_p
     assert gn2.ae_overrides == ["model.params.autoencoder.params.encoder_config.params.norm_groups=2"]
     assert sum(line.startswith("| ") for line in report.splitlines()) == len(variants) + 1
     assert "rec. RFD" in report and "FID" not in report  # random features are never called an FID
+    per_repeat = next(line for line in report.splitlines() if line.startswith("Per-repeat PSNR"))
+    rows = [part.rsplit(": ", 1) for part in per_repeat.removesuffix(".").split(": ", 1)[1].split("; ")]
+    assert [name for name, _ in rows] == [v.label for v in variants]
+    assert all(len(values.split(", ")) == 2 for _, values in rows)  # one value per repeat
 
 
 def test_an_ablation_in_a_comparisons_folder_reuses_its_photo_runs_and_keeps_its_report(tmp_path):

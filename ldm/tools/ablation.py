@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from ldm.tools.compare import Arm, CompareOptions, ae_metrics, eval_autoencoder, stage1, threads_per_job
 from ldm.tools.compare_report import Metric, cell, label, plot_curves
-from ldm.tools.compare_stats import spread, welch
+from ldm.tools.compare_stats import Spread, spread, welch
 from ldm.tools.pipeline import Pipeline
 
 METRICS = [Metric("photos", "psnr", "PSNR", True), Metric("photos", "ssim", "SSIM", True),
@@ -89,6 +89,11 @@ def write_report(opts: AblationOptions, variants: Sequence[Arm], records: Mappin
             tests.append("—" if v is ref else f"{t.difference:+.3g} (p = {t.p:.3f})")
         lines.append(f"| {v.label} | {len(records[v.key])} | "
                      + " | ".join(cell(m, spreads[m.key]) for m in metrics) + " | " + " | ".join(tests) + " |")
+    first = metrics[0]  # per-repeat values of the headline metric, in seed order (repeat r = seed r)
+    lines += ["", f"Per-repeat {names[0]}: " + "; ".join(
+        f"{v.label}: " + ", ".join(cell(first, Spread((x,))) for x in
+                                   spread([r["photos"].get(first.key) for r in records[v.key]]).values)
+        for v in variants) + "."]
     lines += ["", f"Features: `{detector}`. Every variant: same data, decoder, loss, steps and seeds (repeat r: "
                   f"`main.py -s r`); validation: the data config's validation split.", "",
               "Variants: " + "; ".join(f"`{v.key}`: `{v.ae_config}` {' '.join(v.ae_overrides)}" for v in variants), ""]
