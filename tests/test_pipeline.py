@@ -387,6 +387,7 @@ def test_an_ablation_in_a_comparisons_folder_reuses_its_photo_runs_and_keeps_its
     report = run_ablation(ablation, Pipeline(opts.out_dir, echo=quiet, runner=fake))
     assert [arg(c, "-n") for c in fake.calls if c[1] == "main.py"] == ["lite_tiny_gn2_r0_photos_ae"]
     assert report.name == "report_ablation_photos_stage1.md" and "| LiteVAE tiny, norm_groups 2" in report.read_text()
+    assert "(no test: 1 repeat)" in report.read_text() and "nan" not in report.read_text()
     assert {name: (out / name).read_bytes() for name in before} == before
     assert (out / "plots_ablation_photos_stage1" / "curves.png").is_file()
 

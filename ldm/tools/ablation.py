@@ -7,6 +7,7 @@ keyed like the arms, e.g. ``litevae`` and ``sd_vae``, with the same steps and ev
 from __future__ import annotations
 
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,8 @@ def write_report(opts: AblationOptions, variants: Sequence[Arm], records: Mappin
         tests = []
         for m in metrics[:2]:
             t = welch(spreads[m.key], spread([r["photos"].get(m.key) for r in records[ref.key]]))
-            tests.append("—" if v is ref else f"{t.difference:+.3g} (p = {t.p:.3f})")
+            test = f"p = {t.p:.3f}" if math.isfinite(t.p) else "no test: 1 repeat"
+            tests.append("—" if v is ref else f"{t.difference:+.3g} ({test})")
         lines.append(f"| {v.label} | {len(records[v.key])} | "
                      + " | ".join(cell(m, spreads[m.key]) for m in metrics) + " | " + " | ".join(tests) + " |")
     first = metrics[0]  # per-repeat values of the headline metric, in seed order (repeat r = seed r)
