@@ -82,19 +82,19 @@ def write_report(opts: AblationOptions, variants: Sequence[Arm], records: Mappin
     head = ["variant", "repeats", *names, *(f"Δ{n} vs first (Welch p)" for n in names[:2])]
     lines = [f"# Stage-1 ablation: {opts.plan}", "", f"Command: `{command or 'python scripts/ablate_stage1.py'}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    spreads = {v.key: {m.key: spread([r["photos"].get(m.key) for r in records[v.key]]) for m in metrics}
+               for v in variants}
     for v in variants:
-        spreads = {m.key: spread([r["photos"].get(m.key) for r in records[v.key]]) for m in metrics}
         tests = []
         for m in metrics[:2]:
-            t = welch(spreads[m.key], spread([r["photos"].get(m.key) for r in records[ref.key]]))
+            t = welch(spreads[v.key][m.key], spreads[ref.key][m.key])
             test = f"p = {t.p:.3f}" if math.isfinite(t.p) else "no test: 1 repeat"
             tests.append("—" if v is ref else f"{t.difference:+.3g} ({test})")
         lines.append(f"| {v.label} | {len(records[v.key])} | "
-                     + " | ".join(cell(m, spreads[m.key]) for m in metrics) + " | " + " | ".join(tests) + " |")
+                     + " | ".join(cell(m, spreads[v.key][m.key]) for m in metrics) + " | " + " | ".join(tests) + " |")
     first = metrics[0]  # per-repeat values of the headline metric, in seed order (repeat r = seed r)
     lines += ["", f"Per-repeat {names[0]}: " + "; ".join(
-        f"{v.label}: " + ", ".join(cell(first, Spread((x,))) for x in
-                                   spread([r["photos"].get(first.key) for r in records[v.key]]).values)
+        f"{v.label}: " + ", ".join(cell(first, Spread((x,))) for x in spreads[v.key][first.key].values)
         for v in variants) + "."]
     lines += ["", f"Features: `{detector}`. Every variant: same data, decoder, loss, steps and seeds (repeat r: "
                   f"`main.py -s r`); validation: the data config's validation split.", "",
