@@ -17,8 +17,8 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim
-from ldm.util import (batch_missing, check_finite, check_range, fused_optimizer_kwargs, instantiate_from_config,
-                      is_empty_batch, maybe_compile, run_seed, step_generator)
+from ldm.util import (batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
+                      instantiate_from_config, is_empty_batch, maybe_compile, run_seed, step_generator)
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,7 @@ class AutoencoderModule(pl.LightningModule):
     def _step(self, optimizer: LightningOptimizer) -> None:
         """Clip, step, zero the gradients. Only the autoencoder's step goes through Lightning's wrapper, the one
         that counts it in ``global_step``; the discriminator's torch optimizer steps uncounted."""
-        if self.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        clip_gradients(self, optimizer, self.grad_clip)
         counted = optimizer.optimizer is self.trainer.optimizers[0]  # configure_optimizers: autoencoder first
         (optimizer if counted else optimizer.optimizer).step()
         optimizer.zero_grad(set_to_none=True)

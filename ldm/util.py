@@ -83,6 +83,33 @@ def fused_optimizer_kwargs(device: torch.device | str) -> dict[str, bool]:
     return {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {}
 
 
+def clip_gradients(module: Any, optimizer: Any, value: float | None, algorithm: str = "norm") -> None:
+    """Clip ``optimizer``'s gradients to ``value`` (global norm, or per element with ``algorithm="value"``): the one
+    gradient clipping of both stages, which works with the fused Adam/AdamW they build under every precision.
+
+    Why not Lightning's own: it refuses any optimizer that unscales inside ``step()`` (fused Adam) under every
+    mixed precision, bf16 included, where no grad scaler exists. With fp16's scaler, the gradients are unscaled here
+    first; torch's ``GradScaler.step`` then knows they are and only skips the step on inf/NaN, as usual. Everything
+    else (fp32, non-fused optimizers, sharded strategies with their own plugins) goes through Lightning.
+    """
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    if not value:
+        return
+    torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+    plugin = module.trainer.precision_plugin
+    if not (isinstance(plugin, MixedPrecision) and getattr(torch_optimizer, "_step_supports_amp_scaling", False)):
+        module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+        return
+    if plugin.scaler is not None:
+        plugin.scaler.unscale_(torch_optimizer)
+    params = [p for group in torch_optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if str(algorithm).lower() == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)
+
+
 def maybe_compile(module: torch.nn.Module, enabled: bool) -> None:
     """``module.compile()`` in place when ``enabled`` (meant for CUDA; on CPU it mostly adds compile time).
 

@@ -41,8 +41,8 @@ from ldm.diffusion import (FLOW_SAMPLERS, TimeSampler, diffusion_loss, flow_loss
                            sample_ddpm, sample_dpmpp_2m, sample_flow)
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
-from ldm.util import (batch_missing, check_finite, check_range, fused_optimizer_kwargs, instantiate_from_config,
-                      is_empty_batch, maybe_compile, run_seed, step_generator)
+from ldm.util import (batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
+                      instantiate_from_config, is_empty_batch, maybe_compile, run_seed, step_generator)
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,10 @@ class LatentDiffusion(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.ema is not None:
             self.ema.update_after_each_step(self.unet, self.trainer.optimizers[0])
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # lightning.trainer.gradient_clip_val with the fused AdamW below, under any precision (see clip_gradients).
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.learning_rate, betas=self.betas,
