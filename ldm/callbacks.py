@@ -72,6 +72,7 @@ class ImageLogger(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         due = step % self.every_n_steps == 0 and (step > 0 or self.log_first_step)
+        due = due or step == trainer.max_steps  # a run shorter than the interval still ends with grids
         if due and step != self._last_train_step:
             self._last_train_step = step
             self._log(trainer, pl_module, batch, "train")
@@ -79,6 +80,19 @@ class ImageLogger(pl.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == 0 and not trainer.sanity_checking:
             self._log(trainer, pl_module, batch, "val")
+
+
+class ValidateAtLastStep(pl.Callback):
+    """Validates after the last training step whatever ``val_check_interval`` says, so that every run, one shorter
+    than its interval included, ends with validation numbers and grids.
+
+    How: Lightning validates mid-epoch when a run is asked to stop (``should_stop``, as early stopping does), so the
+    last step asks; where validation was due at that step anyway it still runs once.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class ThroughputMonitor(pl.Callback):

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from ldm.callbacks import CheckpointOnSignal, ImageLogger, SetupCallback, ThroughputMonitor
+from ldm.callbacks import CheckpointOnSignal, ImageLogger, SetupCallback, ThroughputMonitor, ValidateAtLastStep
 from ldm.checkpoint_io import AtomicCheckpointIO
 from ldm.util import ConfigError, NonFiniteLossError, instantiate_from_config, load_state_dict, load_weights
 
@@ -190,6 +190,7 @@ def build_callbacks(config: DictConfig, logdir: Path, now: str) -> list[pl.Callb
         ModelCheckpoint(dirpath=logdir / "checkpoints", filename="step={step:07d}", save_last=True,
                         auto_insert_metric_name=False, enable_version_counter=False, **ckpt_cfg),
         ImageLogger(str(logdir), **(config.lightning.get("image_logger") or {})),
+        ValidateAtLastStep(),
         ThroughputMonitor(),
         CheckpointOnSignal(str(logdir / "checkpoints" / "last.ckpt")),
     ]
