@@ -239,6 +239,21 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or a SLURM job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def fit_workers(requested: int, what: str = "num_workers") -> int:
+    """``requested`` DataLoader worker processes, lowered to the usable CPU cores with one message: more only
+    compete for the same cores (and make torch warn at every loader). ``what`` names the setting in the message."""
+    cores = usable_cpus()
+    if requested <= cores:
+        return requested
+    log.info("%s=%d is more than this machine's %d usable CPU cores: using %d workers", what, requested, cores, cores)
+    return cores
+
+
 def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     """The project's one image grid: uint8 NHWC arrays or [-1, 1] float NCHW tensors → one uint8 HWC array
     (``torchvision.utils.make_grid``), ``nrow`` images per row (default ceil(sqrt(N)): near-square)."""

@@ -23,7 +23,7 @@ from ldm.data.manifest import MANIFEST_NAME, Manifest
 from ldm.checkpoints import load_first_stage, resolve_source
 from ldm.precision import PRECISIONS
 from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
-from ldm.util import instantiate_from_config, pick_device
+from ldm.util import fit_workers, instantiate_from_config, pick_device
 
 log = logging.getLogger("cache_latents")
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [r{rank}] %(levelname)s %(name)s: %(message)s")
     opts = CacheOptions(out_dir=args.out, split=args.split, samples_per_shard=args.samples_per_shard,
-                        batch_size=args.batch_size, num_workers=args.workers, flip=args.flip, dtype=args.dtype,
+                        batch_size=args.batch_size, num_workers=fit_workers(args.workers, "--workers"), flip=args.flip, dtype=args.dtype,
                         precision=args.precision, tile=args.tile, tile_overlap=args.tile_overlap)
     if args.merge_only:
         entry = merge_manifest(args.out, args.split, world)

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.images import collate_skip_bad, collate_train
 from ldm.data.sampler import ResumableSampler
-from ldm.util import check_range, instantiate_from_config, run_seed
+from ldm.data.shards import ShardStream
+from ldm.util import check_range, fit_workers, instantiate_from_config, run_seed
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class DataModule(pl.LightningDataModule):
         check_range("val_batch_size", val_batch_size, 1)
         check_range("num_workers", num_workers, 0)
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers, self.shuffle = num_workers, shuffle
+        self.num_workers, self.shuffle = fit_workers(num_workers, "data.params.num_workers"), shuffle
         self._pin_memory = pin_memory
         self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self._train_sampler: ResumableSampler | None = None
@@ -81,9 +82,14 @@ class DataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: ResumableSampler | None = None,
                 collate=collate_skip_bad) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+        workers = self.num_workers
+        if isinstance(dataset, ShardStream):  # a worker without a shard of its own would idle (and warn)
+            trainer = getattr(self, "trainer", None)
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            workers = dataset.useful_workers(workers, rank, world)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           collate_fn=collate, pin_memory=self.pin_memory,
-                          persistent_workers=self.persistent_workers and self.num_workers > 0)
+                          persistent_workers=self.persistent_workers and workers > 0)
 
     def _train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]

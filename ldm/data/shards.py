@@ -89,6 +89,11 @@ class ShardStream(IterableDataset):
                 rng.shuffle(mine)  # only this worker's disjoint subset, so no seed agreement is needed
             yield from (dict(url=u) for u in mine)
 
+    def useful_workers(self, requested: int, rank: int = 0, world: int = 1) -> int:
+        """At most as many DataLoader workers as this rank has shards (``shard_stream`` gives each worker its own);
+        resampled streams draw shards at random, so any number works."""
+        return requested if self.resampled else min(requested, len(self.urls[rank::world]))
+
     def samples(self, handler: Callable[[BaseException], bool] = wds.reraise_exception) -> Iterator[dict[str, Any]]:
         """Raw tar samples (``{"__key__", "<ext>": bytes, ...}``) of ``shard_stream``, through the shuffle buffer."""
         samples = wds.tarfile_samples(self.shard_stream(), handler=handler)

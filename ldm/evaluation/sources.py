@@ -22,7 +22,7 @@ from ldm.data.transforms import (
     to_rgb_tensor,
 )
 from ldm.metrics.image import to_uint8
-from ldm.util import instantiate_from_config
+from ldm.util import fit_workers, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def data_loader(config: Mapping, batch_size: int, num_workers: int = 0, max_samp
     dataset = instantiate_from_config(config, where="data")
     if max_samples is not None and hasattr(dataset, "__len__"):
         dataset = Subset(dataset, range(min(max_samples, len(dataset))))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+    return DataLoader(dataset, batch_size=batch_size, num_workers=fit_workers(num_workers, "--workers"), shuffle=shuffle,
                       collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed))
 
 
