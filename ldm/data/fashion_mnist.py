@@ -103,6 +103,9 @@ class FashionMNIST(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def sample_fields(self) -> frozenset[str]:
+        return frozenset({"image", "cls", "key"})
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         x = torch.from_numpy(self.images[i].copy()).unsqueeze(0)  # (1, 28, 28) uint8; copy: buffer is read-only
         x = self.transform(x).float() / 127.5 - 1.0  # uint8 resize saturates, so no clamp needed

@@ -162,6 +162,11 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def sample_fields(self) -> frozenset[str]:
+        """The keys every sample has (a model checks them against its conditioning before training)."""
+        optional = {"cls": self.labels, "txt": self.captions}
+        return frozenset({"image", "key"} | {name for name, values in optional.items() if values is not None})
+
     def load(self, i: int) -> torch.Tensor | None:
         """File ``i`` decoded as ``to_rgb_tensor`` returns it, or ``None`` (warned and counted) if it is bad."""
         if self._bad[i]:

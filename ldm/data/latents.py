@@ -57,6 +57,11 @@ class LatentShards(ShardStream):
         self.shift = torch.as_tensor(shift, dtype=torch.float32).reshape(-1, 1, 1)
         self.sample, self.flip, self.latent_shape = sample, flip, entry.latent_shape
 
+    def sample_fields(self) -> frozenset[str]:
+        """The keys a sample has: ``cls`` / ``txt`` where the cached source had labels / captions (the first sample
+        of the first shard says, as every sample of a cache has the same fields)."""
+        return frozenset({"latent", "key"} | ({"cls", "txt"} & (self.first_sample_extensions() or set())))
+
     def moments(self, raw: dict[str, Any], gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior ``(mean, std)`` of one tar sample: the flipped copy half the time when ``flip``."""
         suffix = ""

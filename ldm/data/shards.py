@@ -13,8 +13,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import random
+import tarfile
 from typing import Any, Callable, Iterator, TypeVar
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import torch
 import webdataset as wds
@@ -39,6 +43,18 @@ def worker_slot() -> tuple[int, int]:
     """``(worker id, number of workers)`` of this DataLoader process; ``(0, 1)`` outside workers."""
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def local_path(url: str) -> str | None:
+    """The file a shard URL names on this machine, or None for remote/stream URLs (``s3://``, ``pipe:``, ``-``).
+
+    Where webdataset rewrites URLs (``GOPEN_REWRITE``) nothing is checked."""
+    if url == "-" or os.environ.get("GOPEN_REWRITE"):
+        return None
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        return url2pathname(url[len("file:"):].removeprefix("//"))
+    return url if scheme == "" else None
 
 
 class ShardStream(IterableDataset):
@@ -88,6 +104,23 @@ class ShardStream(IterableDataset):
             if self.shuffle > 0:
                 rng.shuffle(mine)  # only this worker's disjoint subset, so no seed agreement is needed
             yield from (dict(url=u) for u in mine)
+
+    def first_sample_extensions(self) -> set[str] | None:
+        """The extensions (``cls``, ``txt``, ``mean.npy`` ...) of the first sample of the first shard, read with
+        ``tarfile`` without starting the stream; None where the shard is not a local file (nothing downloads)."""
+        path = local_path(self.urls[0])
+        if path is None or not os.path.isfile(path):
+            return None
+        found, first = set(), None
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, extension = os.path.basename(member.name).partition(".")
+                key = os.path.join(os.path.dirname(member.name), key)
+                if first is not None and key != first:
+                    break
+                first = key
+                found.add(extension)
+        return found
 
     def useful_workers(self, requested: int, rank: int = 0, world: int = 1) -> int:
         """At most as many DataLoader workers as this rank has shards (``shard_stream`` gives each worker its own);

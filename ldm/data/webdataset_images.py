@@ -7,31 +7,17 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any, Iterator, Literal
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import webdataset as wds
 
 from ldm.data.images import SkipCounter
-from ldm.data.shards import ShardStream
+from ldm.data.shards import ShardStream, local_path
 from ldm.data.transforms import (DECODE_ERRORS, BadImageError, ImageTransform, check_truncated_flag, open_image,
                                  to_rgb_tensor)
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-def _local_path(url: str) -> str | None:
-    """The file a shard URL names on this machine, or None for remote/stream URLs (``s3://``, ``pipe:``, ``-``).
-
-    Where webdataset rewrites URLs (``GOPEN_REWRITE``) nothing is checked."""
-    if url == "-" or os.environ.get("GOPEN_REWRITE"):
-        return None
-    scheme = urlparse(url).scheme
-    if scheme == "file":
-        return url2pathname(url[len("file:"):].removeprefix("//"))
-    return url if scheme == "" else None
 
 
 class WebDatasetImages(ShardStream):
@@ -50,7 +36,7 @@ class WebDatasetImages(ShardStream):
         if not shards:
             raise ValueError(f"no shards in {urls!r}")
         # Fail at start, not at the first batch: local shard paths must exist (remote URLs are not checked).
-        missing = [u for u in shards if _local_path(u) is not None and not os.path.exists(_local_path(u))]
+        missing = [u for u in shards if local_path(u) is not None and not os.path.exists(local_path(u))]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(shards)} shard(s) not found, e.g. {missing[0]!r}"
                                     + (" (set data...params.urls)" if "???" in str(urls) else ""))
@@ -61,6 +47,11 @@ class WebDatasetImages(ShardStream):
         if resampled and epoch_length is None:
             log.warning("WebDatasetImages(resampled=True) without epoch_length never ends an epoch; "
                         "set epoch_length (or the Trainer's limit_train_batches)")
+
+    def sample_fields(self) -> frozenset[str] | None:
+        """The keys a sample has, from the first sample of the first shard (None for remote shards)."""
+        extensions = self.first_sample_extensions()
+        return None if extensions is None else frozenset({"image", "key"} | ({"cls", "txt"} & extensions))
 
     @property
     def skipped(self) -> int:

@@ -41,7 +41,7 @@ from ldm.diffusion import (FLOW_SAMPLERS, TimeSampler, diffusion_loss, flow_loss
                            sample_ddpm, sample_dpmpp_2m, sample_flow)
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
-from ldm.util import (batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
+from ldm.util import (ConfigError, batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
                       instantiate_from_config, is_empty_batch, maybe_compile, run_seed, step_generator)
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,32 @@ def _load_first_stage(config: Mapping | None, cached: Mapping | None) -> tuple[n
     if problem:  # e.g. the stage-1 run went on after caching: its decoder no longer matches the cached latents
         raise ValueError(f"{problem}: re-cache, or set first_stage.path to the checkpoint that made the cache")
     return model, first_stage_identity(info)
+
+
+BACKBONE = "model.params.unet_config.params"
+
+
+def _check_backbone(backbone: nn.Module, conditioning: str, latent_shape: Sequence[int] | None) -> None:
+    """The backbone fits the conditioning and the latents: a mismatch fails at start, naming the keys to change."""
+    classes = getattr(backbone, "num_classes", None)
+    if conditioning == "class" and classes is None:
+        raise ConfigError(f"model.params.conditioning=class needs a class-conditional backbone: set {BACKBONE}."
+                          "num_classes=<number of classes>, or model.params.conditioning=none for an unconditional model")
+    if conditioning != "class" and classes is not None:
+        raise ConfigError(f"model.params.conditioning={conditioning} but the backbone is class-conditional "
+                          f"({BACKBONE}.num_classes={classes}): for an unconditional model also set {BACKBONE}."
+                          "num_classes=null; for a class-conditional one, model.params.conditioning=class")
+    if not latent_shape:
+        return
+    channels, size = int(latent_shape[0]), tuple(int(s) for s in latent_shape[1:])
+    if getattr(backbone, "in_channels", channels) != channels:
+        raise ConfigError(f"{BACKBONE}.in_channels={backbone.in_channels} but the latents have {channels} channels "
+                          f"(latent_shape {list(latent_shape)} from latent_stats): set {BACKBONE}.in_channels={channels}"
+                          " (and out_channels, where the backbone has one)")
+    if getattr(backbone, "input_size", size) != size:  # a DiT is built for one latent size
+        value = size[0] if size[0] == size[1] else list(size)
+        raise ConfigError(f"{BACKBONE}.input_size={list(backbone.input_size)} but the latents are {list(size)} "
+                          f"(latent_shape {list(latent_shape)} from latent_stats): set {BACKBONE}.input_size={value}")
 
 
 class LatentDiffusion(pl.LightningModule):
@@ -158,6 +184,7 @@ class LatentDiffusion(pl.LightningModule):
 
         self._init_normalisation(scale_factor, shift, latent_shape)
         self.unet = instantiate_from_config(unet_config, where="model.params.unet_config")
+        _check_backbone(self.unet, conditioning, latent_shape)
         self.ema = EMA(self.unet, ema_decay) if ema_decay else None
         maybe_compile(self.unet, compile)  # for CUDA runs; after the EMA copy, state_dict keys unchanged
         text_encoder = self._build_text_encoder(conditioning, text_encoder_config)
@@ -236,8 +263,36 @@ class LatentDiffusion(pl.LightningModule):
         if self.conditioning.mode == "text":
             width = getattr(self.conditioning.text_encoder, "out_dim", None)
             if getattr(self.unet, "context_dim", None) != width:
-                raise ValueError(f"unet_config.params.context_dim={getattr(self.unet, 'context_dim', None)} must "
+                raise ValueError(f"{BACKBONE}.context_dim={getattr(self.unet, 'context_dim', None)} must "
                                  f"equal the text encoder's width {width}")
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get("train")
+        if stage == "fit" and hasattr(dataset, "sample_fields"):
+            self.check_fields(dataset.sample_fields(), f"data.params.train ({type(dataset).__name__})")
+
+    def check_fields(self, fields: frozenset[str] | None, source: str) -> None:
+        """Refuse, before step 0, data whose samples lack what this model trains on (``fields``: the keys of a
+        sample, e.g. ``ImageFolder.sample_fields``; None: unknown), naming the config keys to change."""
+        if fields is None:
+            return
+        have = f"{source} has samples with {sorted(fields)}"
+        if self.input_mode == "cached" and self.latent_key not in fields:
+            raise ConfigError(f"model.params.input=cached trains on cached latents, but {have}: use "
+                              "ldm.data.LatentShards on a cache of scripts/cache_latents.py, or model.params.input=live")
+        if self.input_mode == "live" and self.image_key not in fields:
+            raise ConfigError(f"model.params.input=live encodes images, but {have}: use an image dataset, or "
+                              "model.params.input=cached for latent shards")
+        label, text = self.conditioning.label_key, self.conditioning.text_key
+        if self.conditioning.mode == "class" and label not in fields:
+            raise ConfigError(f"model.params.conditioning=class needs class labels ('{label}'), but {have}. For an "
+                              f"unconditional model set model.params.conditioning=none {BACKBONE}.num_classes=null "
+                              "(configs/ldm/uncond_small.yaml is one); for a class-conditional one, cache labelled "
+                              "images (ImageFolder labels_from_subfolders: true)")
+        if self.conditioning.mode == "text" and text not in fields:
+            raise ConfigError(f"model.params.conditioning=text needs captions ('{text}'), but {have}: give the "
+                              "images captions (ImageFolder captions: <file>, or .txt in WebDataset shards), or set "
+                              "model.params.conditioning=none")
+        if self.conditioning.mode == "none" and label in fields:
+            log.info("%s has class labels; this unconditional model (conditioning=none) does not use them", source)
 
     # ------------------------------------------------------------------ frozen helpers
     @property
