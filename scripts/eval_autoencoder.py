@@ -34,7 +34,7 @@ from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import pick_device
 
 log = logging.getLogger("eval_autoencoder")
-COLUMNS = ["weights", "resolution", "n", "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "rfid"]
+COLUMNS = ["weights", "resolution", "upsampled_from", "n", "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "rfid"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
               "results": rows}
     columns = [c if detector is None else detector.metric_name(c) for c in COLUMNS]
     table = markdown_table(rows, [c for c in columns if any(c in r for r in rows)])
+    warnings = dict.fromkeys(r["sample_size_warning"] for r in rows if "sample_size_warning" in r)
+    table += "".join(f"\n\nwarning: {w}" for w in warnings)
     print(table)
     if args.out:
         out = Path(args.out)

@@ -126,9 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"command": sys.argv if argv is None else ["eval_fid.py", *argv], "samples": samples.identity(),
               "ref": ref.identity(), "ref_stats_from_cache": ref_stats.from_cache,
               "ref_stats_cache": args.ref_stats_cache, "detector": detector.describe(), **detector.named(result)}
+    warning = result.pop("sample_size_warning", None)
     row = {"samples": Path(args.samples).name, "ref": Path(args.ref).name, "detector": detector.kind,
            **detector.named(result)}
-    table = markdown_table([row])
+    table = markdown_table([row]) + (f"\n\nwarning: {warning}" if warning else "")
     print(table)
     if args.out:
         out = Path(args.out)

@@ -147,6 +147,37 @@ def test_evaluate_autoencoder_lpips_and_factor_check(run_dir):  # noqa: F811
         ev.evaluate_autoencoder(ae, [x], resolutions=[36], progress=False)
 
 
+def test_eval_autoencoder_names_its_image_count_and_upsampling(run_dir, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """Issue 21: 6 images with --max-samples 5000 showed a bar to 5000, an rFID from 6 images without a word, and
+    --resolutions above the data's size upsampled silently."""
+    totals = []
+
+    class Bar(ev.evaluate_autoencoder.__globals__["tqdm"]):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setitem(ev.evaluate_autoencoder.__globals__, "tqdm", Bar)
+    report = load_script("eval_autoencoder").main([
+        "--ae", str(run_dir), "--data", str(fmnist_yaml(tmp_path / "d.yaml")), "--resolutions", "32", "64",
+        "--detector", "random", "--no-lpips", "--batch-size", "4", "--max-samples", "5000", "--device", "cpu",
+        "--weights", "ema"])
+    assert totals == [6]  # the images that are there, not --max-samples
+    rows = {r["resolution"]: r for r in report["results"]}
+    assert "upsampled_from" not in rows[32] and rows[64]["upsampled_from"] == 32
+    assert any("[64] are above the images' own 32 px" in m for m in caplog.messages)
+    assert all("n=6 images, fewer than the 64 feature dimensions" in r["sample_size_warning"] for r in rows.values())
+    assert rows[32]["sample_size_warning"].startswith("random_feature_distance from n=6")
+
+
+def test_small_sample_warning_thresholds():
+    from ldm.metrics.fid import small_sample_warning
+
+    assert small_sample_warning(50_000, 2048) is None and small_sample_warning(10_000, 2048) is None
+    assert "rank-deficient" not in small_sample_warning(5_000, 2048)
+    assert "fewer than the 2,048 feature dimensions" in small_sample_warning(500, 2048)
+
+
 # ------------------------------------------------------------------------------------------ FID
 @pytest.fixture(scope="module")
 def fid_images(tmp_path_factory) -> dict[str, Path]:

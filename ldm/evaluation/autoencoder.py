@@ -1,6 +1,7 @@
 """Reconstruction metrics of an autoencoder at several resolutions: PSNR/SSIM, LPIPS, rFID."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -12,9 +13,11 @@ from tqdm.auto import tqdm
 
 from ldm.evaluation.detectors import Detector
 from ldm.evaluation.sources import _skip_none
-from ldm.metrics.fid import feature_statistics, frechet_distance
+from ldm.metrics.fid import feature_statistics, frechet_distance, small_sample_warning
 from ldm.metrics.image import psnr, ssim, to_uint8
 from ldm.precision import GuardedAutoencoder
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- autoencoder metrics
@@ -99,12 +102,16 @@ def evaluate_autoencoder(model: torch.nn.Module, batches: Iterable[Any], resolut
         raise ValueError(f"resolutions {bad} are not divisible by the autoencoder's factor {factor}")
     acc: dict[int, _Accumulator] = {}
     seen = 0
-    bar = tqdm(total=max_samples, disable=not progress, desc="eval autoencoder", unit="img", dynamic_ncols=True)
+    bar = tqdm(total=_expected_images(batches, max_samples), disable=not progress, desc="eval autoencoder",
+               unit="img", dynamic_ncols=True)
     for batch in _skip_none(batches):
         x = batch["image"] if isinstance(batch, Mapping) else batch
         if max_samples is not None:
             x = x[:max_samples - seen]
         x = x.to(device).float()
+        if seen == 0:
+            source = int(x.shape[-1])
+            _name_upsampling(resolutions, source)
         for r in resolutions or [x.shape[-1]]:
             real = None if real_features is None else real_features[r][seen:seen + len(x)]
             _evaluate_batch(model, resize_images(x, r), acc.setdefault(r, _Accumulator()), lpips, detector,
@@ -117,10 +124,35 @@ def evaluate_autoencoder(model: torch.nn.Module, batches: Iterable[Any], resolut
     if seen == 0:
         raise ValueError("evaluate_autoencoder: no images")
     results = {r: a.summary() for r, a in acc.items()}
+    for r, metrics in results.items():
+        if r > source:
+            metrics["upsampled_from"] = source
+        warning = (small_sample_warning(metrics["n"], detector.extractor.dim, detector.metric_name("rfid"))
+                   if detector is not None else None)
+        if warning:
+            metrics["sample_size_warning"] = warning
+            log.warning("%s px: %s", r, warning)
     if return_real_features and detector is not None and real_features is None:
         for r, a in acc.items():
             results[r]["real_features"] = np.concatenate(a.features["real"])
     return results
+
+
+def _expected_images(batches: Iterable[Any], max_samples: int | None) -> int | None:
+    """How many images the loop will see, for the progress bar: the dataset's size (capped by ``max_samples``)."""
+    try:
+        count = len(getattr(batches, "dataset"))
+    except (AttributeError, TypeError):  # a plain iterable, or a stream without a length
+        return max_samples
+    return count if max_samples is None else min(count, max_samples)
+
+
+def _name_upsampling(resolutions: Sequence[int] | None, source: int) -> None:
+    above = [r for r in resolutions or () if r > source]
+    if above:
+        log.warning("resolutions %s are above the images' own %d px: they are upsampled (bicubic) before encoding, "
+                    "so these rows measure the autoencoder on interpolated images, not on %s px content",
+                    above, source, "/".join(map(str, above)))
 
 
 def _evaluate_batch(model, x: torch.Tensor, acc: _Accumulator, lpips, detector, precision: str,

@@ -21,6 +21,7 @@ from ldm.metrics.classifier import (
 )
 from ldm.metrics.fid import (
     compute_features,
+    small_sample_warning,
     feature_statistics,
     frechet_distance,
     kid,
@@ -113,6 +114,11 @@ def evaluate_samples(samples: ImageSource, ref: ReferenceStats, detector: Detect
     features = source_features(samples, detector, device, progress)
     out = {"fid": frechet_distance(*feature_statistics(features), ref.mu, ref.sigma),
            "n_samples": len(features), "n_ref": ref.meta.get("count")}
+    warning = small_sample_warning(min(n for n in (out["n_samples"], out["n_ref"]) if n is not None),
+                                   features.shape[1], detector.metric_name("fid"))
+    if warning:
+        out["sample_size_warning"] = warning
+        log.warning(warning)
     if (with_kid or with_precision_recall) and ref.features is None:
         raise ValueError("the kernel distance and precision/recall need the reference features; compute the "
                          "reference with keep_features=True")

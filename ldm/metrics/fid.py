@@ -29,6 +29,19 @@ def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def small_sample_warning(n: int, dim: int, metric: str = "FID") -> str | None:
+    """A warning when a Fréchet distance rests on fewer images than it needs to mean much, else None.
+
+    Below ``dim`` images (2048 for Inception) the feature covariance is rank-deficient; at any n the estimate is
+    biased upward by roughly c/n (Chong & Forsyth 2020), so values are only comparable at equal n, and published
+    numbers use 50,000 samples (ADM protocol; at least 10,000 for a rough comparison)."""
+    if n >= 10_000:
+        return None
+    rank = f", fewer than the {dim:,} feature dimensions (rank-deficient covariance)" if n < dim else ""
+    return (f"{metric} from n={n:,} images{rank}: biased upward, falling as n grows; compare only at equal n "
+            "(published numbers use 50,000)")
+
+
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """Tr((Σ1Σ2)^½) for covariances Σ1, Σ2, as Tr((Σ1^½ Σ2 Σ1^½)^½): the same eigenvalues (those of Σ1Σ2), but
     both roots are of symmetric PSD matrices, taken by ``eigh`` with round-off negatives clipped to 0.
