@@ -7,7 +7,7 @@ PHOTOS := /usr/share/games/endless-sky/images/land
 # Two CPU cores are the reference machine: keep BLAS/OpenMP from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup data test test-fast demo compare compare-dit bench gpu-extras clean help
+.PHONY: setup data data-fmnist data-photos test test-fast demo compare compare-dit bench gpu-extras clean help
 
 help:
 	@echo "make setup   create .venv with pinned packages"
@@ -28,8 +28,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	touch $@
 
 # Debian ships Fashion-MNIST and the endless-sky photos (ldm.data.PhotoCrops) as packages; install them when we
-# can (root on Debian) and they are missing.
-data:
+# can (root on Debian) and they are missing. The demo needs only Fashion-MNIST; tests and the comparison both.
+data: data-fmnist data-photos
+
+data-fmnist:
 	@if [ ! -f $(FMNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
@@ -37,6 +39,8 @@ data:
 	    echo "Fashion-MNIST not found at $(FMNIST): run 'sudo apt-get install dataset-fashion-mnist' or set data roots (README)"; \
 	  fi; \
 	fi
+
+data-photos:
 	@if [ ! -d $(PHOTOS) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get install -y -qq endless-sky-data || (apt-get update -qq && apt-get install -y -qq endless-sky-data)); \
@@ -51,7 +55,7 @@ test: setup data
 test-fast: setup
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
-demo: setup data
+demo: setup data-fmnist
 	$(PY) scripts/demo.py
 
 compare: setup data

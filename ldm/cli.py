@@ -217,11 +217,26 @@ def all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
+class _DropAdvert(logging.Filter):
+    """Lightning 2.6 logs an advertisement for a cloud logger at every Trainer start; nothing for the user to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def quiet_known_warnings() -> None:
+    """Silence third-party messages that are known, harmless here and not the user's business; real warnings stay."""
     # The EMA copy is in eval mode on purpose; Lightning's check cannot know that.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     # Emitted by Lightning's own pytree helper with torch >= 2.10; nothing to act on here.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Stage 1 optimises manually; Lightning then warns (with a pasted code example) that a periodic checkpoint
+    # holds the weights after the step. That is what we want: a checkpoint at step k holds k optimizer steps.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+    # Lightning's caution about len() of iterable datasets under several workers: our shard streams give each rank
+    # and worker its own shards and count len() per rank (ldm.data.shards.ShardStream), as it asks.
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvert())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
 
+from ldm.checkpoints import resolve_source
 from ldm.tools.compare_report import class_grid
 from ldm.tools.pipeline import PY, ROOT, Pipeline, curve, manifest_summary, metric_keys
 
@@ -54,8 +56,11 @@ def stage1(pipe: Pipeline, args: argparse.Namespace) -> Path:
               f"{psnr[0][1]:.2f} -> {psnr[-1][1]:.2f} dB")
     losses = [k for k in metric_keys(run_dir) if k.startswith("train/")]
     print(f"logged loss terms: {', '.join(losses)}")
-    disc_on = [step for step, factor in curve(run_dir, "train/disc_factor") if factor > 0]
-    print(f"discriminator (full loss) on from step {disc_on[0]}" if disc_on else "discriminator never switched on")
+    disc_start = OmegaConf.load(resolve_source(run_dir)[0]).model.params.loss.params.get("disc_start")
+    if any(factor > 0 for _, factor in curve(run_dir, "train/disc_factor")):
+        print(f"discriminator (full loss) on from step {disc_start} (model.params.loss.params.disc_start)")
+    else:
+        print(f"discriminator never switched on (disc_start {disc_start})")
     print(f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}; grids: {run_dir / 'images'}; "
           f"CSV log: {run_dir / 'csv'}")
     return run_dir
@@ -84,11 +89,12 @@ def stage2_and_samples(pipe: Pipeline, args: argparse.Namespace, latents: Path) 
 
 
 def accuracy(pipe: Pipeline, args: argparse.Namespace, samples: Path) -> dict:
+    """The README's evaluation command (--detector only when not the default)."""
     result_file = samples / "eval.json"
+    detector = ["--detector", args.detector] if args.detector != "auto" else []
     pipe.command("evaluate", [PY, "scripts/eval_fid.py", "--samples", samples / "samples.npz", "--ref", args.data,
-                              "--ref-split", "validation", "--max-ref", 500, "--detector", args.detector,
-                              "--classifier-data", args.data, "--classifier-cache",
-                              Path(args.state_dir) / "classifier.pt", "--out", result_file],
+                              "--ref-split", "validation", "--classifier-data", args.data, "--precision-recall",
+                              *detector, "--out", result_file],
                  outputs=lambda _: [result_file])
     return json.loads(result_file.read_text())
 
@@ -96,7 +102,9 @@ def accuracy(pipe: Pipeline, args: argparse.Namespace, samples: Path) -> dict:
 def fid_line(result: dict) -> str:
     """The demo's FID line: a distance between random features is no FID, so then it says none was computed."""
     if result["detector"]["comparable"]:
-        return f"FID {result['fid']:.2f} ({result['detector']['kind']} features)"
+        return (f"FID {result['fid']:.2f} ({result['detector']['kind']} features, {result['n_samples']} samples vs "
+                f"{result['n_ref']} real images: biased upward at this n, comparable only at equal n); precision "
+                f"{result['precision']:.3f}, recall {result['recall']:.3f}")
     return ("no FID computed (--detector random): the random-feature distance "
             f"{result.get('random_feature_distance', result.get('fid')):.3g} is comparable within this run alone")
 

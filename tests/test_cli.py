@@ -68,3 +68,22 @@ def test_instantiate_errors_name_the_config_path():
 def test_resume_rejects_missing_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="last.ckpt"):
         cli.resolve_resume(str(tmp_path))
+
+
+def test_training_output_is_free_of_known_third_party_noise(tmp_path, caplog):
+    """Issue 21: the demo printed Lightning's warning with a pasted ``def training_step`` example (manual optimisation
+    + periodic checkpoints: harmless here) and a cloud-logger advertisement at every run; real warnings still show."""
+    import logging
+    import warnings
+
+    from conftest import STAGE1_TEST_OVERRIDES
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        assert cli.main(["--base", TINY, "-t", "-l", str(tmp_path), *STAGE1_TEST_OVERRIDES,
+                         "lightning.trainer.max_steps=2", "lightning.checkpoint.every_n_train_steps=1"]) == 0
+        warnings.warn("a real warning", UserWarning)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "def training_step" in m or "IterableDataset` has `__len__`" in m], messages
+    assert not [r for r in caplog.records if "Tip:" in r.getMessage()]
+    assert "a real warning" in messages

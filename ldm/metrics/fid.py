@@ -38,6 +38,7 @@ def small_sample_warning(n: int, dim: int, metric: str = "FID") -> str | None:
     if n >= 10_000:
         return None
     rank = f", fewer than the {dim:,} feature dimensions (rank-deficient covariance)" if n < dim else ""
+    metric = {"fid": "FID", "rfid": "rFID"}.get(metric, metric)
     return (f"{metric} from n={n:,} images{rank}: biased upward, falling as n grows; compare only at equal n "
             "(published numbers use 50,000)")
 
