@@ -53,11 +53,16 @@ def autoencoder_config(config: Mapping | DictConfig) -> dict:
     return {"target": cfg["target"], "params": dict(cfg.get("params") or {})}
 
 
-def _run_config(run: Path) -> Path:
-    configs = sorted((run / "configs").glob("*-project.yaml"))  # names start with a sortable timestamp
+def run_config(run: str | Path) -> Path:
+    """The newest ``configs/*-project.yaml`` of a run folder (a resumed run adds one per session)."""
+    configs = sorted((Path(run) / "configs").glob("*-project.yaml"))  # names start with a sortable timestamp
     if not configs:
         raise FileNotFoundError(f"no configs/*-project.yaml in run folder {run}; pass a config explicitly")
     return configs[-1]
+
+
+def is_run_folder(path: str | Path) -> bool:
+    return any((Path(path) / "configs").glob("*-project.yaml"))
 
 
 def _run_checkpoint(run: Path) -> Path:
@@ -85,12 +90,12 @@ def resolve_source(source: str | Path) -> tuple[Path, Path]:
         raise FileNotFoundError(f"{path} is a diffusers autoencoder folder: it has no project config (data, "
                                 "training); pass the data config explicitly (--data)")
     if path.is_dir():
-        return _run_config(path), _run_checkpoint(path)
+        return run_config(path), _run_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"first-stage source not found: {path} (a run folder, .ckpt or .safetensors)")
     if path.suffix == ".safetensors":
         return _safetensors_config(path), path
-    return _run_config(path.parent.parent), path  # logs/<run>/checkpoints/x.ckpt
+    return run_config(path.parent.parent), path  # logs/<run>/checkpoints/x.ckpt
 
 
 def select_weights(state: Mapping[str, torch.Tensor], use_ema: bool, what: str

@@ -39,7 +39,8 @@ log = logging.getLogger("eval_fid")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="generated images: folder or .npz (arr_0 [, labels])")
-    p.add_argument("--ref", required=True, help="reference: folder | .npz | data config .yaml | stats .npz")
+    p.add_argument("--ref", required=True, help="reference: folder | .npz | data config .yaml | a run folder (its "
+                                                "data config) | stats .npz")
     p.add_argument("--ref-split", default="train", help="split of a data-config reference")
     p.add_argument("--ref-size", type=positive_int, help="resize reference images to this side (data config / folder)")
     p.add_argument("--max-ref", type=positive_int, help="use the first N reference images")

@@ -170,6 +170,16 @@ def test_eval_autoencoder_names_its_image_count_and_upsampling(run_dir, tmp_path
     assert rows[32]["sample_size_warning"].startswith("random_feature_distance from n=6")
 
 
+def test_a_run_folder_is_an_image_source_of_its_data(run_dir):  # noqa: F811
+    """``eval_fid.py --ref logs/<stage-1 run>``: the run's own data config, as ``--ae`` defaults to elsewhere."""
+    from ldm.checkpoints import run_config
+
+    by_folder, by_file = ev_sources.ImageSource(str(run_dir)), ev_sources.ImageSource(str(run_config(run_dir)))
+    assert by_folder.kind == by_file.kind == "data"
+    assert by_folder.dataset_config() == by_file.dataset_config()
+    assert by_folder.check() == by_file.check()
+
+
 def test_small_sample_warning_thresholds():
     from ldm.metrics.fid import small_sample_warning
 

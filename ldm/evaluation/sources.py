@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
+from ldm.checkpoints import is_run_folder, run_config
 from ldm.data.images import IMAGE_EXTENSIONS, collate_skip_bad, list_images
 from ldm.data.configs import dataset_config, deterministic
 from ldm.data.transforms import (
@@ -31,12 +32,12 @@ Batch = tuple[torch.Tensor, "torch.Tensor | None"]  # (uint8 NCHW images, int64 
 # -------------------------------------------------------------------------------------- image sources
 def source_kind(spec: str | Path) -> str:
     """``"folder"``, ``"npz"`` (images: ours or an ADM reference batch), ``"stats"`` (``mu``/``sigma`` only: our
-    ``save_stats`` output or ADM statistics) or ``"data"`` (a YAML config)."""
+    ``save_stats`` output or ADM statistics) or ``"data"`` (a YAML config, or a run folder: its data config)."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        return "folder"
+        return "data" if is_run_folder(path) else "folder"
     if not path.is_file():
-        raise FileNotFoundError(f"image source not found: {path} (a folder, .npz or data config .yaml)")
+        raise FileNotFoundError(f"image source not found: {path} (a folder, .npz, data config .yaml or run folder)")
     if path.suffix == ".npz":
         # ADM reference batches hold images (arr_0) AND the evaluator's statistics (mu, sigma): read the images,
         # so both sides of the FID go through the same detector code.
@@ -103,7 +104,8 @@ class ImageSource:
         return len(dataset) if hasattr(dataset, "__len__") else -1  # a stream: counted while reading
 
     def dataset_config(self) -> dict:
-        cfg = deterministic(dataset_config(OmegaConf.load(self.spec), self.split))
+        path = Path(self.spec).expanduser()
+        cfg = deterministic(dataset_config(OmegaConf.load(run_config(path) if path.is_dir() else path), self.split))
         if self.size is not None:
             cfg["params"]["size"] = self.size
         return cfg
