@@ -236,6 +236,8 @@ def quiet_known_warnings() -> None:
     # Lightning's caution about len() of iterable datasets under several workers: our shard streams give each rank
     # and worker its own shards and count len() per rank (ldm.data.shards.ShardStream), as it asks.
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    # "fewer training batches than the logging interval": we log by global step, so short epochs still log.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdvert())
 
 
