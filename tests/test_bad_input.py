@@ -235,5 +235,7 @@ def test_demo_never_calls_a_random_feature_distance_fid():
     demo = load_script("demo")
     random = demo.fid_line({"fid": 1.2e-4, "detector": {"comparable": False, "kind": "random"}})
     assert "FID" not in random.replace("no FID computed", "") and random.startswith("no FID computed")
-    assert demo.fid_line({"fid": 12.345, "detector": {"comparable": True, "kind": "torchscript"}}) == \
-        "FID 12.35 (torchscript features)"
+    result = {"fid": 12.345, "detector": {"comparable": True, "kind": "torchscript"}, "n_samples": 500, "n_ref": 1000,
+              "precision": 0.5, "recall": 0.25}
+    assert demo.fid_line(result) == ("FID 12.35 (torchscript features, 500 samples vs 1000 real images: biased upward "
+                                     "at this n, comparable only at equal n); precision 0.500, recall 0.250")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -183,6 +184,19 @@ def _shrink_params(target: str, params: dict, assets: dict[str, str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the tests
+@pytest.fixture(autouse=True)
+def isolated_process_group():
+    """The full stage-1 configs train with a DDP strategy: in this process, with one device, Lightning starts a
+    one-process group and sets MASTER_PORT in the environment. Both would outlive the test and make later
+    two-process tests in this worker bind the same port; put the process back as it was."""
+    env = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bases, overrides", config_cases())
 def test_config_trains(bases, overrides, assets, tmp_path):
