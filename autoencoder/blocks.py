@@ -24,8 +24,20 @@ def group_count(channels: int, preferred: int = 32) -> int:
     return 1
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, same state_dict) that normalises bf16/fp16 channels_last activations on
+    the CPU in fp32: PyTorch's CPU kernel for that case measured 4x slower than fp32's (8x32x64x64, forward +
+    backward with SiLU: 5.8 vs 1.4 ms NCHW bf16), and it is the layout and dtype of the CPU training default."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not x.is_contiguous():
+            with torch.autocast("cpu", enabled=False):
+                return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        return super().forward(x)
+
+
 def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
-    return nn.GroupNorm(group_count(channels, groups), channels, eps=1e-6, affine=True)
+    return GroupNorm(group_count(channels, groups), channels, eps=1e-6, affine=True)
 
 
 def group_norm_silu_(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:

@@ -18,7 +18,8 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim
 from ldm.util import (batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
-                      instantiate_from_config, is_empty_batch, maybe_compile, run_seed, step_generator)
+                      instantiate_from_config, is_empty_batch, match_optimizer_state_layout, maybe_compile, run_seed,
+                      step_generator)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class AutoencoderModule(pl.LightningModule):
         train_crop_schedule: Mapping[int, int] | None = None,
         image_key: str = "image",
         compile: bool = False,
+        channels_last: bool = True,
     ):
         super().__init__()
         check_range("accumulate_grad_batches", accumulate_grad_batches, 1)
@@ -54,6 +56,9 @@ class AutoencoderModule(pl.LightningModule):
         self.betas, self.disc_learning_rate = tuple(betas), disc_learning_rate
         self.accumulate_grad_batches, self.grad_clip = int(accumulate_grad_batches), grad_clip
         self.freeze_encoder, self.image_key = freeze_encoder, image_key
+        # NHWC activations and weights: oneDNN's CPU convolutions skip a layout conversion per call (this step:
+        # 1.25x on 2 CPU cores, docs/benchmarks.md), and CUDA's tensor-core kernels want NHWC too.
+        self.channels_last = channels_last
         # {step: size}: from `step` on, training batches are randomly cropped to `size` (paper Table 5:
         # pretrain at 128, fine-tune at 256). Sorted so the last entry <= step wins.
         self.train_crop_schedule = sorted((int(k), int(v)) for k, v in (train_crop_schedule or {}).items())
@@ -87,7 +92,7 @@ class AutoencoderModule(pl.LightningModule):
             top = int(torch.randint(0, x.shape[-2] - size + 1, (), generator=g))
             left = int(torch.randint(0, x.shape[-1] - size + 1, (), generator=g))
             x = x[..., top:top + size, left:left + size]
-        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def reconstruct(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
         encoder_ctx = torch.no_grad() if self.freeze_encoder else contextlib.nullcontext()
@@ -98,12 +103,16 @@ class AutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
+        if self.channels_last:  # before the optimizers are built and any checkpoint is restored into them
+            self.to(memory_format=torch.channels_last)
         # A grad scaler only sees steps made through Lightning's optimizer wrapper, which the discriminator's skips.
         if stage == "fit" and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(f"stage 1 does not support precision={self.trainer.precision!r} (a grad scaler); "
                              "use lightning.trainer.precision=bf16-mixed or 32-true")
 
     def on_train_start(self) -> None:
+        for optimizer in self.trainer.optimizers:  # state restored from a run of another layout (-r)
+            match_optimizer_state_layout(optimizer)
         if self.ema is not None:
             self.ema.update_after_each_step(self.autoencoder, self.trainer.optimizers[0])
 

@@ -110,6 +110,21 @@ def clip_gradients(module: Any, optimizer: Any, value: float | None, algorithm: 
         torch.nn.utils.clip_grad_norm_(params, value)
 
 
+def match_optimizer_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Lay every per-parameter state tensor (Adam's moments) out in memory like its parameter.
+
+    Why: the fused Adam/AdamW kernels treat a parameter, its gradient and its state as flat buffers; a moment
+    saved from an NCHW model and restored into a channels_last one (resuming an older run) is then applied to
+    the wrong elements, silently (tests/test_channels_last.py shows the wrong update).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def maybe_compile(module: torch.nn.Module, enabled: bool) -> None:
     """``module.compile()`` in place when ``enabled`` (meant for CUDA; on CPU it mostly adds compile time).
 

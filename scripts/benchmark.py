@@ -599,6 +599,33 @@ def suite_profile(args, ratios: dict) -> list[dict]:
     return rows
 
 
+def suite_train(args, ratios: dict) -> list[dict]:
+    """The tiny configs' training steps through pl.Trainer (ldm/tools/train_speed.py), interleaved."""
+    from ldm.tools.train_speed import run
+
+    repeats = args.repeats or (2 if args.quick else 3)
+    rows = run(steps=8 if args.quick else 30, warmup=3 if args.quick else 5, repeats=repeats)
+    for row in rows[1:]:
+        ratios["train_" + "_".join(row["name"].replace(",", "").split()) + "_of_reference"] = row["fraction_of_reference"]
+    return rows
+
+
+def suite_step_profile(args, ratios: dict) -> list[dict]:
+    """Where each tiny step's time goes, per part and per op (ldm/tools/step_profile.py), as markdown tables."""
+    from ldm.tools.step_profile import markdown, profile_step
+    from ldm.tools.train_speed import VARIANTS, reference_rate
+
+    flops, call = reference_rate()
+    reference = flops / timed({"reference": call}, args, 2, 3)["reference"] / 1e9
+    rows = []
+    for variant in VARIANTS:
+        report = profile_step(variant, reference)
+        print(markdown(report) + "\n")
+        rows.append({"suite": "step-profile", "name": variant.name, "step_ms": round(report["step_s"] * 1e3, 1),
+                     "gflop": round(report["gflop"], 2)})
+    return rows
+
+
 def _train_forward_backward_fused(enc: nn.Module, x: torch.Tensor, args, fused: bool) -> None:
     with use_fused_norm(fused):
         _train_forward_backward(enc, x, args)
@@ -610,8 +637,10 @@ def _train_forward_backward_fused(enc: nn.Module, x: torch.Tensor, args, fused: 
 SUITES = {"memory": suite_memory, "encoder": suite_encoder, "dwt": suite_dwt, "cache": suite_cache,
           "train-ae": suite_train_ae, "train-ldm": suite_train_ldm}
 # Run only by name: tiling (fixed 1024x1024 images, minutes on a CPU); roofline (counts, no timing; on CPU);
-# profile (per-kernel tables of a training forward+backward; meant for CUDA).
-EXTRA_SUITES = {"tiling": suite_tiling, "roofline": suite_roofline, "profile": suite_profile}
+# profile (per-kernel tables of a training forward+backward; meant for CUDA); train and step-profile (the tiny
+# configs' training steps through pl.Trainer, and where their time goes; CPU, minutes).
+EXTRA_SUITES = {"tiling": suite_tiling, "roofline": suite_roofline, "profile": suite_profile, "train": suite_train,
+                "step-profile": suite_step_profile}
 
 
 # -------------------------------------------------------------------------------------------------- CLI

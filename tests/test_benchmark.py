@@ -79,3 +79,17 @@ def test_roofline_suite_bounds(tmp_path):
         flops, nbytes = r["gflop_per_image"] * 1e9, r["min_mbytes_per_image"] * 1e6
         assert r["h200_bound_images_per_s"] == pytest.approx(min(989e12 / flops, 4.8e12 / nbytes), rel=2e-2)
         assert r["binding_limit"] == ("compute" if flops / nbytes >= 989 / 4.8 else "memory")
+
+
+@pytest.mark.slow
+def test_train_speed_suite_rows():
+    """The training-step suite (issue 22) runs stage-1 and stage-2 variants through pl.Trainer."""
+    from ldm.tools.train_speed import VARIANTS, run
+
+    rows = run([VARIANTS[0], VARIANTS[1], VARIANTS[3]], steps=1, warmup=1, repeats=1)
+    assert rows[0]["name"].startswith("reference") and rows[0]["gflop_per_step"] > 100
+    by_name = {r["name"]: r for r in rows[1:]}
+    # (channels_last runs a few 1x1 convolutions as matmuls, counted a little differently)
+    assert by_name["stage 1, fp32, NCHW"]["gflop_per_step"] == pytest.approx(
+        by_name["stage 1, fp32, channels_last"]["gflop_per_step"], rel=0.01)
+    assert all(r["s_per_step"] > 0 and 0 < r["fraction_of_reference"] for r in rows)

@@ -42,7 +42,8 @@ from ldm.diffusion import (FLOW_SAMPLERS, TimeSampler, diffusion_loss, flow_loss
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
 from ldm.util import (ConfigError, batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
-                      instantiate_from_config, is_empty_batch, maybe_compile, run_seed, step_generator)
+                      instantiate_from_config, is_empty_batch, match_optimizer_state_layout, maybe_compile, run_seed,
+                      step_generator)
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,7 @@ class LatentDiffusion(pl.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
+        match_optimizer_state_layout(self.trainer.optimizers[0])  # fused AdamW needs state laid out like params
         if self.ema is not None:
             self.ema.update_after_each_step(self.unet, self.trainer.optimizers[0])
 
