@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="forget finished stages and start new runs")
     p.add_argument("--data", default=DATA_CONFIG, help="data config to cache (train + validation) and evaluate on")
     p.add_argument("--seeds", default="0-499", help="sample seeds; the class of seed s is s %% 10")
+    p.add_argument("--seed", type=int, help="main.py -s for both training stages (default: main.py's, 23)")
     p.add_argument("--stage1-overrides", nargs="*", default=[], help="key=value overrides for stage 1")
     p.add_argument("--stage2-overrides", nargs="*", default=[], help="key=value overrides for stage 2")
     p.add_argument("--detector", default="auto", help="FID features for eval_fid.py: auto (Inception: torch-fidelity's "
@@ -47,8 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def seed_args(args: argparse.Namespace) -> list[str]:
+    return ["-s", str(args.seed)] if args.seed is not None else []
+
+
 def stage1(pipe: Pipeline, args: argparse.Namespace) -> Path:
-    run_dir = pipe.train("stage1", [AE_CONFIG], args.logdir, "demo_litevae", args.stage1_overrides)
+    run_dir = pipe.train("stage1", [AE_CONFIG], args.logdir, "demo_litevae", [*seed_args(args), *args.stage1_overrides])
     psnr = curve(run_dir, "val/psnr_ema") or curve(run_dir, "val/psnr")
     print("\nstage 1 validation PSNR (EMA weights) by step: " + ", ".join(f"{s}: {v:.2f} dB" for s, v in psnr))
     if len(psnr) >= 2:
@@ -78,7 +83,7 @@ def cache(pipe: Pipeline, args: argparse.Namespace, ae_run: Path) -> Path:
 
 def stage2_and_samples(pipe: Pipeline, args: argparse.Namespace, latents: Path) -> Path:
     run_dir = pipe.train("stage2", [LDM_CONFIG], args.logdir, "demo_ldm",
-                         [f"latents={latents}", *args.stage2_overrides])
+                         [*seed_args(args), f"latents={latents}", *args.stage2_overrides])
     loss = curve(run_dir, "val/loss_ema") or curve(run_dir, "val/loss")
     if loss:
         print("\nstage 2 validation loss by step: " + ", ".join(f"{s}: {v:.4f}" for s, v in loss))
