@@ -29,25 +29,24 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 # Debian ships Fashion-MNIST and the endless-sky photos (ldm.data.PhotoCrops) as packages; install them when we
 # can (root on Debian) and they are missing. The demo needs only Fashion-MNIST; tests and the comparison both.
+# $(call debian_data,path that shows it is there,package,what to tell a user who is not root)
+define debian_data
+	@if [ ! -e $(1) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get install -y -qq $(2) || (apt-get update -qq && apt-get install -y -qq $(2))); \
+	  else \
+	    echo "$(1) not found: run 'sudo apt-get install $(2)' ($(3))"; \
+	  fi; \
+	fi
+endef
+
 data: data-fmnist data-photos
 
 data-fmnist:
-	@if [ ! -f $(FMNIST) ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
-	  else \
-	    echo "Fashion-MNIST not found at $(FMNIST): run 'sudo apt-get install dataset-fashion-mnist' or set data roots (README)"; \
-	  fi; \
-	fi
+	$(call debian_data,$(FMNIST),dataset-fashion-mnist,or set the data roots: README)
 
 data-photos:
-	@if [ ! -d $(PHOTOS) ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -qq endless-sky-data || (apt-get update -qq && apt-get install -y -qq endless-sky-data)); \
-	  else \
-	    echo "endless-sky photos not found in $(PHOTOS): run 'sudo apt-get install endless-sky-data' (configs/data/photos64.yaml)"; \
-	  fi; \
-	fi
+	$(call debian_data,$(PHOTOS),endless-sky-data,configs/data/photos64.yaml)
 
 test: setup data
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests

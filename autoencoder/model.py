@@ -26,11 +26,12 @@ class Autoencoder(nn.Module):
 
     ``use_quant_conv=True`` adds SD's 1×1 ``quant_conv`` (2z→2z) and ``post_quant_conv`` (z→z), for a
     baseline faithful to (and loadable from) the official SD-VAE; LiteVAE uses neither (Table 17).
-    ``ignore_keys`` are key prefixes kept at their fresh initialisation when loading ``ckpt_path``.
+    A config's ``ckpt_path`` (an official SD first-stage checkpoint) is read by the factory ``from_params``, with
+    ``ignore_keys`` (key prefixes kept at their fresh initialisation); ``__init__`` reads no file.
     """
 
     def __init__(self, encoder_config: Mapping, decoder_config: Mapping, z_channels: int = 4,
-                 use_quant_conv: bool = False, ckpt_path: str | None = None, ignore_keys: Sequence[str] = ()):
+                 use_quant_conv: bool = False):
         super().__init__()
         self.encoder = instantiate_from_config(encoder_config, where="encoder_config")
         self.decoder = instantiate_from_config(decoder_config, where="decoder_config")
@@ -39,8 +40,14 @@ class Autoencoder(nn.Module):
         if use_quant_conv:
             self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
             self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
+
+    @classmethod
+    def from_params(cls, ckpt_path: str | None = None, ignore_keys: Sequence[str] = (), **params) -> "Autoencoder":
+        """Build from a config's params (what ``instantiate_from_config`` calls), loading ``ckpt_path`` if given."""
+        model = cls(**params)
         if ckpt_path is not None:
-            self.load_sd_checkpoint(ckpt_path, ignore_keys=ignore_keys)
+            model.load_sd_checkpoint(ckpt_path, ignore_keys=ignore_keys)
+        return model
 
     def _check_compatible(self) -> None:
         """Fail at build time, before any compute, when the halves disagree on z or the downsampling factor."""

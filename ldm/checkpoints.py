@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.data.manifest import read_latent_stats
+from ldm.cache.manifest import read_latent_stats
 from ldm.first_stage import DIFFUSERS_TARGET, diffusers_folder, load_diffusers_first_stage
 from ldm.util import (ConfigError, get_obj_from_str, instantiate_from_config, load_state_dict, load_weights,
                       sha256_file)

@@ -234,7 +234,7 @@ def quiet_known_warnings() -> None:
     # holds the weights after the step. That is what we want: a checkpoint at step k holds k optimizer steps.
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
     # Lightning's caution about len() of iterable datasets under several workers: our shard streams give each rank
-    # and worker its own shards and count len() per rank (ldm.data.shards.ShardStream), as it asks.
+    # and worker its own shards and count len() per rank (ldm.cache.shards.ShardStream), as it asks.
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     # "fewer training batches than the logging interval": we log by global step, so short epochs still log.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm.io import to_uint8, write_samples_npz
 from ldm.precision import GuardedAutoencoder, autocast
 from ldm.tiling import DEFAULT_OVERLAP, tiled
 from ldm.util import image_grid
@@ -58,10 +59,9 @@ def labels_for_seeds(seeds: Sequence[int], num_classes: int | None, class_label:
     return np.asarray(seeds, dtype=np.int64) % num_classes
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW → uint8 NHWC."""
-    x = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW → uint8 NHWC (the layout of samples.npz and PNGs)."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def generate(module: torch.nn.Module, seeds: Sequence[int], batch_size: int = 8,
               "texts": [prompt] * len(batch) if prompt is not None else None}
         with autocast(device.type, precision):
             z = module.sample_latents(batch, steps=steps, eta=eta, cfg=cfg, sampler=sampler, use_ema=use_ema, **kw)
-        out.append(to_uint8(decoder(z)))
+        out.append(to_uint8_nhwc(decoder(z)))
     return np.concatenate(out), labels
 
 
@@ -128,10 +128,6 @@ def write_outputs(outdir: str | Path, images: np.ndarray, seeds: Sequence[int], 
     """``samples.npz`` (``arr_0`` uint8 NHWC, ``seeds``[, ``labels``]) and ``grid.png`` in ``outdir``."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    arrays = {"arr_0": images, "seeds": np.asarray(seeds, dtype=np.int64)}
-    if labels is not None:
-        arrays["labels"] = np.asarray(labels, dtype=np.int64)
-    npz = outdir / "samples.npz"
-    np.savez(npz, **arrays)
+    npz = write_samples_npz(outdir / "samples.npz", images, seeds, labels)
     Image.fromarray(image_grid(images[:64])).save(outdir / "grid.png")
     return npz

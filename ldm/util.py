@@ -269,14 +269,31 @@ def fit_workers(requested: int, what: str = "num_workers") -> int:
     return cores
 
 
+def join_torchrun_group(timeout_hours: float = 6) -> tuple[int, int, int]:
+    """``(rank, world, local_rank)`` of a torchrun launch, joining a gloo process group when there are several
+    processes; ``(0, 1, 0)`` outside torchrun. Gloo serves CPU and CUDA runs alike because only barriers cross
+    ranks in the scripts that use this (the data travels as files: shards, PNGs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=timeout_hours))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, padding: int = 2) -> np.ndarray:
     """The project's one image grid: uint8 NHWC arrays or [-1, 1] float NCHW tensors → one uint8 HWC array
     (``torchvision.utils.make_grid``), ``nrow`` images per row (default ceil(sqrt(N)): near-square)."""
     from torchvision.utils import make_grid
 
+    from ldm.io import to_uint8
+
     if isinstance(images, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     else:
-        x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()
+        x = to_uint8(images).cpu()
     nrow = nrow or max(1, math.ceil(math.sqrt(len(x))))
     return make_grid(x, nrow=nrow, padding=padding).permute(1, 2, 0).numpy()

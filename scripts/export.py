@@ -1,39 +1,9 @@
-"""Export a trained model for release: ``.safetensors`` (EMA weights by default) + a config sidecar ``.yaml``.
+#!/usr/bin/env python
+"""Export a trained model for release: ``.safetensors`` + a config sidecar ``.yaml``.
 
-    python scripts/export.py logs/<stage-1 run> --out release/litevae_b   # -> litevae_b.safetensors + .yaml
-    python scripts/cache_latents.py --ae release/litevae_b.safetensors ...  # every --ae accepts the export
-    python scripts/export.py logs/<stage-2 run> --out release/ldm_ffhq    # the EMA UNet + normalisation
-    python scripts/sample.py release/ldm_ffhq.safetensors --first-stage release/litevae_b.safetensors ...
-
-The stage is read from the run's config. Loading is strict and needs no pickle (``safetensors``). Stage 1:
-the sidecar holds the autoencoder's ``{target, params}``. Stage 2: the run's config, without EMA and cache, and
-the first stage's identity (also in the .safetensors metadata), which sample.py checks --first-stage against.
+Usage and options: ``python scripts/export.py --help``; the code: ``ldm/tools/commands/export.py``.
 """
-from __future__ import annotations
-
-import argparse
-import logging
-import sys
-
-
-from omegaconf import OmegaConf
-
-from ldm.checkpoints import export_diffusion, export_first_stage, resolve_source
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="stage-1 or stage-2 run folder, or a .ckpt inside one")
-    p.add_argument("--out", required=True, help="output path without suffix (writes .safetensors and .yaml)")
-    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA copy")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    target = str(OmegaConf.load(resolve_source(args.source)[0]).model.get("target", ""))
-    export = export_diffusion if target.endswith("LatentDiffusion") else export_first_stage
-    weights, sidecar = export(args.source, args.out, use_ema=not args.no_ema)
-    print(f"wrote {weights} and {sidecar}")
-    return 0
-
+from ldm.tools.commands.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -57,8 +57,9 @@ OFFICIAL_KEY_COUNT = 106 + 138 + 4
 
 
 def tiny_model(encoder=TINY_SD_ENCODER, **kw) -> Autoencoder:
+    """Through the config factory (``ckpt_path`` in ``kw`` is read there, as from a config)."""
     torch.manual_seed(0)
-    return Autoencoder(encoder, TINY_DECODER, z_channels=3, **kw).eval()
+    return Autoencoder.from_params(encoder_config=encoder, decoder_config=TINY_DECODER, z_channels=3, **kw).eval()
 
 
 def test_sd_baseline_has_official_key_names_and_shapes():
@@ -85,8 +86,8 @@ def test_lightning_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path, ca
     torch.save(lightning_checkpoint(source), path)
     torch.load(path, weights_only=True)  # the file is loadable without unpickling arbitrary objects
     with caplog.at_level(logging.INFO, logger="autoencoder.model"):
-        loaded = Autoencoder(TINY_SD_ENCODER, TINY_DECODER, z_channels=3, use_quant_conv=use_quant_conv,
-                             ckpt_path=str(path)).eval()
+        loaded = Autoencoder.from_params(encoder_config=TINY_SD_ENCODER, decoder_config=TINY_DECODER, z_channels=3,
+                                         use_quant_conv=use_quant_conv, ckpt_path=str(path)).eval()
     assert "dropped 2 non-autoencoder keys" in caplog.text and "loss.*: 2" in caplog.text
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():

@@ -2,7 +2,7 @@
 fault, before any expensive work."""
 from __future__ import annotations
 
-import importlib.util
+from conftest import command_module
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +12,6 @@ from PIL import Image
 import ldm.evaluation.samples as ev_samples
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture()
@@ -46,7 +39,7 @@ def test_eval_fid_names_the_bad_input_before_computing_features(tmp_path, pngs, 
         np.savez(bad, arr_0=np.zeros((4, 16, 16, 3), np.float32))
     args = {"--samples": str(pngs), "--ref": str(pngs), bad_side: str(bad)}
     with pytest.raises(SystemExit) as exit_info:
-        load_script("eval_fid").main([a for kv in args.items() for a in kv] + ["--detector", "random"])
+        command_module("eval_fid").main([a for kv in args.items() for a in kv] + ["--detector", "random"])
     message = str(exit_info.value)
     assert message.startswith(f"error: {bad_side} {bad}"), message
 
@@ -129,7 +122,7 @@ def test_checkpoint_write_that_fails_keeps_the_old_file_whole(tmp_path, monkeypa
 
 # ------------------------------------------------------------------------ arguments and outputs
 @pytest.mark.parametrize("script,argv,message", [
-    ("eval_fid", ["--batch-size", "0"], "argument --batch-size: must be > 0, got 0"),
+    ("eval_fid", ["--batch-size", "0"], "argument --batch-size/--batch: must be > 0, got 0"),
     ("eval_fid", ["--kid-subsets", "-3"], "argument --kid-subsets: must be > 0, got -3"),
     ("eval_fid", ["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
     ("eval_autoencoder", ["--resolutions", "64", "-32"], "argument --resolutions: must be > 0, got -32"),
@@ -139,7 +132,7 @@ def test_out_of_range_arguments_fail_at_parse_time_naming_flag_and_value(pngs, c
     base = {"eval_fid": ["--samples", str(pngs), "--ref", str(pngs), "--detector", "random"],
             "eval_autoencoder": ["--ae", str(pngs)], "compare_encoders": []}[script]
     with pytest.raises(SystemExit) as exit_info:
-        load_script(script).main(base + argv)
+        command_module(script).main(base + argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -152,7 +145,7 @@ def test_unwritable_out_fails_before_any_work(tmp_path, pngs, monkeypatch, scrip
     argv = {"eval_fid": ["--samples", str(pngs), "--ref", str(pngs), "--detector", "random"],
             "eval_autoencoder": ["--ae", str(tmp_path / "no_such_run")]}[script]
     with pytest.raises(SystemExit, match=f"--out {out.parent} is not a writable folder"):
-        load_script(script).main(argv + ["--out", str(out)])
+        command_module(script).main(argv + ["--out", str(out)])
 
 
 @pytest.mark.parametrize("base,override,message", [
@@ -212,18 +205,18 @@ def test_resuming_a_copied_run_keeps_one_atomic_last_ckpt(tmp_path, monkeypatch)
     (["--steps", "0"], "argument --steps: must be > 0, got 0"),
     (["--cfg", "-1.5"], "argument --cfg: must be >= 0.0, got -1.5"),
     (["--eta", "-0.1"], "argument --eta: must be >= 0.0, got -0.1"),
-    (["--batch", "0"], "argument --batch: must be > 0, got 0"),
+    (["--batch", "0"], "argument --batch-size/--batch: must be > 0, got 0"),
     (["--seeds", "9-3"], "argument --seeds: bad seed range '9-3': end before start"),
     (["--seeds", "-5"], "argument --seeds: bad seed '-5' in '-5': seeds are non-negative"),
 ])
 def test_sample_arguments_are_checked_at_parse_time(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        load_script("sample").main([str(tmp_path / "no_run"), *argv])
+        command_module("sample").main([str(tmp_path / "no_run"), *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_sample_unwritable_out_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
-    sample = load_script("sample")
+    sample = command_module("sample")
     monkeypatch.setattr(sample, "load_diffusion", lambda *a, **k: pytest.fail("model loaded before the check"))
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -232,7 +225,7 @@ def test_sample_unwritable_out_fails_before_the_model_is_loaded(tmp_path, monkey
 
 
 def test_demo_never_calls_a_random_feature_distance_fid():
-    demo = load_script("demo")
+    demo = command_module("demo")
     random = demo.fid_line({"fid": 1.2e-4, "detector": {"comparable": False, "kind": "random"}})
     assert "FID" not in random.replace("no FID computed", "") and random.startswith("no FID computed")
     result = {"fid": 12.345, "detector": {"comparable": True, "kind": "torchscript"}, "n_samples": 500, "n_ref": 1000,

@@ -1,4 +1,4 @@
-"""Smoke test of scripts/benchmark.py: every suite runs at tiny sizes and reports every ratio.
+"""Smoke test of scripts/benchmark.py (ldm.tools.commands.benchmark): every suite runs at tiny sizes and reports every ratio.
 
 Not a timing test (DESIGN.md §4): speed is measured by the script itself, never asserted here. The
 numbers that can be checked against a reference are: the DWT error against ptwt, and the saved-bytes
@@ -6,7 +6,6 @@ counter against a hand count.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,7 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.tools.benchmarking import count_saved_bytes
+from ldm.tools.bench.measure import count_saved_bytes
+from ldm.tools.bench import roofline
+from ldm.tools.commands import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_KEYS = {
@@ -24,13 +25,6 @@ RATIO_KEYS = {
     "train_ae_step_speedup_B_vs_sd", "train_ldm_cached_vs_live_speedup", "encoder_throughput_B_vs_flop_ratio",
     "decode_only_vs_bare_encoder_throughput", "cache_jpeg_vs_bare_encoder_throughput",
 }
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_count_saved_bytes_matches_hand_count():
@@ -48,7 +42,7 @@ def test_all_suites_tiny_report_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--suite", "all", "--quick", "--resolution", "32", "--train-resolution", "32", "--batch", "1",
             "--repeats", "1", "--out", str(out)]
-    assert _load_script().main(argv) == 0
+    assert benchmark.main(argv) == 0
     result = json.loads(out.read_text())
     assert RATIO_KEYS <= set(result["ratios"])
     assert all(v > 0 for k, v in result["ratios"].items() if k != "dwt_max_abs_err")
@@ -61,7 +55,7 @@ def test_all_suites_tiny_report_every_ratio(tmp_path):
 def test_activation_bytes_match_hand_count():
     """conv: each convolution's input and output once; conv+gn: plus each GroupNorm input once (bf16)."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.SiLU(), nn.Conv2d(4, 2, 1))
-    counted = _load_script().activation_bytes(net, torch.randn(2, 3, 8, 8))
+    counted = roofline.activation_bytes(net, torch.randn(2, 3, 8, 8))
     pixels = 8 * 8
     conv = 2 * ((3 + 4) + (4 + 2)) * pixels
     assert counted["conv"] == conv and counted["conv+gn"] == conv + 2 * 4 * pixels
@@ -71,7 +65,7 @@ def test_activation_bytes_match_hand_count():
 
 def test_roofline_suite_bounds(tmp_path):
     out = tmp_path / "roofline.json"
-    assert _load_script().main(["--suite", "roofline", "--resolution", "32", "--out", str(out)]) == 0
+    assert benchmark.main(["--suite", "roofline", "--resolution", "32", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert {(r["name"], r["bytes_model"]) for r in rows} == {(n, m) for n in ("LiteVAE-B", "SD-VAE")
                                                            for m in ("conv", "conv+gn", "every op")}
@@ -84,7 +78,7 @@ def test_roofline_suite_bounds(tmp_path):
 @pytest.mark.slow
 def test_train_speed_suite_rows():
     """The training-step suite (issue 22) runs stage-1 and stage-2 variants through pl.Trainer."""
-    from ldm.tools.train_speed import VARIANTS, run
+    from ldm.tools.bench.train_speed import VARIANTS, run
 
     rows = run([VARIANTS[0], VARIANTS[1], VARIANTS[3]], steps=1, warmup=1, repeats=1)
     assert rows[0]["name"].startswith("reference") and rows[0]["gflop_per_step"] > 100

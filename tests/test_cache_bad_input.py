@@ -3,7 +3,6 @@ reporting one key twice, a second autoencoder in one cache folder, and numbers o
 Each is refused or handled before any encoding where it can be, with a message naming what is at fault."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import tarfile
@@ -17,12 +16,13 @@ import yaml
 from PIL import Image
 from torch.utils.data import Dataset
 
+from conftest import command_module
 from ldm.checkpoints import sha256_file
-from ldm.data import latent_cache
+from ldm.cache import writer as latent_cache
 from ldm.data.images import ImageFolder
-from ldm.data.latent_cache import CacheOptions, cache_latents
-from ldm.data.latents import LatentShards
-from test_cache_latents import SIZE, images, model, run_dir  # noqa: F401  (module fixtures: stage-1 run folder)
+from ldm.cache.writer import CacheOptions, cache_latents
+from ldm.cache.reader import LatentShards
+from helpers import SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pairs the old "." -> "_" escaping mapped to one key, and a pair that only escaping "%" as well keeps apart.
@@ -34,13 +34,6 @@ def _rank_env(monkeypatch):
     """cache_latents.py sets RANK/WORLD_SIZE for webdataset: keep them from leaking into the next test."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_images(root: Path, names: list[str]) -> Path:
@@ -70,25 +63,25 @@ def folder_state(out: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------------------ keys
 def test_tar_key_is_injective_and_reversible():
-    from ldm.data.latent_cache import key_from_tar, tar_key  # key_from_tar: new in issue 16
+    from ldm.cache.keys import key_from_tar, tar_key  # key_from_tar: new in issue 16
 
     keys = COLLIDING + ["%", "%%2E", "a%25b", "%2", "x.%2e", "dir.v/%.y"]
     assert len({tar_key(k) for k in keys}) == len(keys)
     assert all("." not in tar_key(k) and key_from_tar(tar_key(k)) == k for k in keys)
 
 
-def test_names_differing_by_dot_or_underscore_get_distinct_keys(tmp_path, model):  # noqa: F811
+def test_names_differing_by_dot_or_underscore_get_distinct_keys(tmp_path, model):
     folder = make_images(tmp_path / "images", COLLIDING)
     out = tmp_path / "cache"
     _, entry = cache(model, ImageFolder(folder, size=SIZE), out)
     names = member_names(out)
     assert len(names) == len(set(names)), [n for n, c in Counter(names).items() if c > 1]
     assert entry["total"] == len(COLLIDING)
-    reader = LatentShards(str(out), sample=False, flip=False, scale_factor=1.0, shift=0.0, shuffle=0)
+    reader = LatentShards.from_cache(str(out), sample=False, flip=False, scale_factor=1.0, shift=0.0, shuffle=0)
     assert Counter(s["key"] for s in reader) == Counter(COLLIDING)
 
 
-def test_caches_of_the_old_key_scheme_still_read(tmp_path, model, monkeypatch):  # noqa: F811
+def test_caches_of_the_old_key_scheme_still_read(tmp_path, model, monkeypatch):
     """Shards whose __key__ replaced '.' by '_' (written before issue 16) read back with their original keys;
     a sample without json falls back to unescaping __key__."""
     folder = make_images(tmp_path / "images", ["x.1.png", "y.png"])
@@ -97,7 +90,7 @@ def test_caches_of_the_old_key_scheme_still_read(tmp_path, model, monkeypatch): 
     cache(model, ImageFolder(folder, size=SIZE), out)
     monkeypatch.undo()
     assert {n.split(".")[0] for n in member_names(out)} == {"x_1_png", "y_png"}
-    reader = LatentShards(str(out), sample=False, flip=False, scale_factor=1.0, shift=0.0, shuffle=0)
+    reader = LatentShards.from_cache(str(out), sample=False, flip=False, scale_factor=1.0, shift=0.0, shuffle=0)
     assert sorted(s["key"] for s in reader) == ["x.1.png", "y.png"]
     raw = next(iter(reader.samples()))
     raw = {"__key__": latent_cache.tar_key("dir.v/x.1.png"), "mean.npy": raw["mean.npy"], "std.npy": raw["std.npy"]}
@@ -119,7 +112,7 @@ class OneKey(Dataset):
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["one run", "two ranks"])
-def test_a_key_seen_twice_fails_naming_both_sources(tmp_path, model, world):  # noqa: F811
+def test_a_key_seen_twice_fails_naming_both_sources(tmp_path, model, world):
     """One run: the writer refuses the second sample; ranks: merging refuses before the manifest is written."""
     folder = make_images(tmp_path / "images", ["p.png", "q.png"])
     out = tmp_path / "cache"
@@ -132,7 +125,7 @@ def test_a_key_seen_twice_fails_naming_both_sources(tmp_path, model, world):  # 
 
 # ------------------------------------------------------------------------------------------ autoencoders
 @pytest.fixture()
-def other_run(tmp_path, run_dir) -> Path:  # noqa: F811
+def other_run(tmp_path, run_dir) -> Path:
     """A copy of the stage-1 run whose checkpoint differs (another SHA-256)."""
     other = tmp_path / "other_run"
     shutil.copytree(run_dir, other)
@@ -143,7 +136,7 @@ def other_run(tmp_path, run_dir) -> Path:  # noqa: F811
 
 
 @pytest.mark.parametrize("second_split", ["validation", "train"])
-def test_another_autoencoder_is_refused_before_encoding(tmp_path, run_dir, other_run, monkeypatch,  # noqa: F811
+def test_another_autoencoder_is_refused_before_encoding(tmp_path, run_dir, other_run, monkeypatch,
                                                         second_split):
     """``validation``: the manifest's train split came from another autoencoder; ``train``: this split's shards."""
     data = tmp_path / "data.yaml"
@@ -152,7 +145,7 @@ def test_another_autoencoder_is_refused_before_encoding(tmp_path, run_dir, other
     out = tmp_path / "cache"
     common = ["--data", str(data), "--out", str(out), "--workers", "0", "--device", "cpu", "--batch-size", "2",
               "--samples-per-shard", "2"]
-    script = load_script("cache_latents")
+    script = command_module("cache_latents")
     script.main(["--ae", str(run_dir), "--split", "train", *common])
     before = folder_state(out)
     monkeypatch.setattr(latent_cache, "_encode", lambda *a, **k: pytest.fail("encoded before refusing"))
@@ -181,7 +174,7 @@ def refuse_work(monkeypatch, module, *names: str) -> None:
     (["--rank", "2", "--world-size", "2"], "--rank 2 must be < --world-size 2"),
     (["--world-size", "2"], "--world-size 2 needs --rank"), (["--rank", "1"], "--rank 1 needs --world-size")])
 def test_cache_latents_checks_numbers_before_loading(tmp_path, monkeypatch, capsys, bad, named):
-    script = load_script("cache_latents")
+    script = command_module("cache_latents")
     refuse_work(monkeypatch, script, "load_data_config", "load_first_stage")
     with pytest.raises(SystemExit) as refused:
         script.main(["--ae", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--device", "cpu", *bad])
@@ -190,7 +183,7 @@ def test_cache_latents_checks_numbers_before_loading(tmp_path, monkeypatch, caps
 
 
 def test_cache_latents_checks_out_before_loading(tmp_path, monkeypatch):
-    script = load_script("cache_latents")
+    script = command_module("cache_latents")
     refuse_work(monkeypatch, script, "load_data_config", "load_first_stage")
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as refused:
@@ -202,7 +195,7 @@ def test_cache_latents_checks_out_before_loading(tmp_path, monkeypatch):
     (["--n", "0"], "argument --n"), (["--n", "1"], "argument --n"), (["--repeats", "0"], "argument --repeats"),
     (["--bandwidths", "1", "0"], "argument --bandwidths"), (["--bandwidths", "-2"], "argument --bandwidths")])
 def test_latent_stats_checks_numbers_before_computing(tmp_path, monkeypatch, capsys, bad, named):
-    script = load_script("latent_stats")
+    script = command_module("latent_stats")
     refuse_work(monkeypatch, script, "latent_diagnostics")
     with pytest.raises(SystemExit) as refused:
         script.main(["--cache", str(tmp_path), *bad])
@@ -211,7 +204,7 @@ def test_latent_stats_checks_numbers_before_computing(tmp_path, monkeypatch, cap
 
 @pytest.mark.parametrize("where", ["a folder", "under a file"])
 def test_latent_stats_checks_out_before_computing(tmp_path, monkeypatch, where):
-    script = load_script("latent_stats")
+    script = command_module("latent_stats")
     refuse_work(monkeypatch, script, "latent_diagnostics")
     (tmp_path / "file").write_text("")
     out = tmp_path if where == "a folder" else tmp_path / "file" / "stats.json"

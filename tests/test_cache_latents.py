@@ -3,14 +3,11 @@ disjoint shards across ranks (in-process and torchrun/gloo), shards readable wit
 corrupt inputs skipped and listed, and the stage-2 reader ``LatentShards``."""
 from __future__ import annotations
 
-import copy
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -21,102 +18,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm.data.images import ImageFolder
-from ldm.data.latent_cache import FAIL_AFTER_ENV, CacheOptions, SimulatedCrash, cache_latents, tar_key
-from ldm.data.latents import LatentShards
+from ldm.cache.writer import FAIL_AFTER_ENV, SimulatedCrash
+from ldm.cache.reader import LatentShards
 from ldm.checkpoints import load_first_stage
-from ldm.util import instantiate_from_config
+from helpers import AE_CONFIG, N_GOOD, SIZE, data_config, read_tars, run_cache
 
 ROOT = Path(__file__).resolve().parents[1]
-N_GOOD, SIZE = 20, 32
-AE_CONFIG = {"target": "autoencoder.model.Autoencoder", "params": {
-    "z_channels": 4,
-    "encoder_config": {"target": "autoencoder.litevae_encoder.LiteVAEEncoder", "params": {
-        "size": None, "z_channels": 4, "extractor_channels": 8, "extractor_mult": [1, 2],
-        "aggregator_channels": 8, "aggregator_mult": [1, 2], "norm_groups": 4}},
-    "decoder_config": {"target": "autoencoder.sd_vae.Decoder", "params": {
-        "ch": 8, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "z_channels": 4, "norm_groups": 4}}}}
-
-
-def data_config(folder: Path) -> dict:
-    return {"target": "ldm.data.ImageFolder",
-            "params": {"root": str(folder), "size": SIZE, "labels_from_subfolders": True, "flip": True}}
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """20 small PNGs of varied size in two class folders, plus one corrupt file."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(N_GOOD):
-        folder = root / ("cat" if i % 2 else "dog")
-        folder.mkdir(exist_ok=True)
-        h, w = int(rng.integers(32, 48)), int(rng.integers(32, 48))
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img.{i:02d}.png")
-    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
-    return root
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, images) -> Path:
-    """A fake stage-1 run folder: project config + Lightning-style checkpoint with live and EMA weights."""
-    run = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    live = instantiate_from_config(AE_CONFIG)
-    ema = copy.deepcopy(live)
-    with torch.no_grad():
-        for p in ema.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    state = {**{f"autoencoder.{k}": v for k, v in live.state_dict().items()},
-             **{f"ema.module.{k}": v for k, v in ema.state_dict().items()},
-             "ema.num_updates": torch.tensor(3), "loss.discriminator.w": torch.zeros(2)}
-    (run / "checkpoints").mkdir()
-    torch.save({"state_dict": state, "global_step": 3}, run / "checkpoints" / "last.ckpt")
-    project = {"model": {"target": "autoencoder.lightning.AutoencoderModule", "params": {"autoencoder": AE_CONFIG}},
-               "data": {"target": "ldm.data.DataModule", "params": {"batch_size": 4, "train": data_config(images)}}}
-    (run / "configs").mkdir()
-    (run / "configs" / "2024-01-01T00-00-00-project.yaml").write_text(yaml.safe_dump(project))
-    torch.save(ema.state_dict(), run / "ema_reference.pt")
-    return run
-
-
-@pytest.fixture(scope="module")
-def model(run_dir):
-    return load_first_stage(run_dir)
-
-
-@pytest.fixture(scope="module")
-def dataset(images):
-    return ImageFolder(images, size=SIZE, labels_from_subfolders=True)
-
-
-def run_cache(model, dataset, images, out, rank=0, world=1, **kw):
-    opts = CacheOptions(out_dir=str(out), **{"samples_per_shard": 6, "batch_size": 4, **kw})
-    return cache_latents(model[0], model[1], dataset, opts, data_config(images), rank, world)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, model, dataset, images) -> Path:
-    out = tmp_path_factory.mktemp("cache")
-    run_cache(model, dataset, images, out, flip=True)
-    return out
-
-
-def read_tars(folder: Path, pattern: str = "*.tar") -> dict[str, dict]:
-    """Every sample of every shard, with only tarfile + numpy: ``{json key: {field: value}}``."""
-    samples: dict[str, dict] = {}
-    for shard in sorted(folder.glob(pattern)):
-        grouped: dict[str, dict] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, field = member.name.split(".", 1)
-                data = tar.extractfile(member).read()
-                grouped.setdefault(key, {})[field] = np.load(io.BytesIO(data)) if field.endswith(".npy") else data
-        for key, fields in grouped.items():
-            info = json.loads(fields["json"])
-            assert key == tar_key(info["key"]) and info["key"] not in samples
-            samples[info["key"]] = {**fields, "shard": shard.name}
-    return samples
 
 
 def good_keys(images: Path) -> set[str]:
@@ -188,7 +95,7 @@ def test_manifest_statistics_equal_recomputed(cache, images, run_dir):
 
 
 def test_reader_round_trip_and_normalisation(cache, model, dataset):
-    plain = {s["key"]: s for s in LatentShards(str(cache), sample=False, flip=False, scale_factor=1.0, shift=0.0,
+    plain = {s["key"]: s for s in LatentShards.from_cache(str(cache), sample=False, flip=False, scale_factor=1.0, shift=0.0,
                                                shuffle=0)}
     assert len(plain) == N_GOOD
     for key, s in plain.items():
@@ -196,19 +103,19 @@ def test_reader_round_trip_and_normalisation(cache, model, dataset):
         np.testing.assert_allclose(s["latent"].numpy(), mean, rtol=2e-3, atol=2e-3)
         assert s["cls"] == dataset.classes.index(key.split("/")[0])
     stats = json.loads((cache / "manifest.json").read_text())["splits"]["train"]["stats"]
-    normed = {s["key"]: s["latent"] for s in LatentShards(str(cache), sample=False, flip=False, shuffle=0)}
+    normed = {s["key"]: s["latent"] for s in LatentShards.from_cache(str(cache), sample=False, flip=False, shuffle=0)}
     for key, z in normed.items():
         torch.testing.assert_close(z, (plain[key]["latent"] - stats["shift"]) * stats["scale_factor"])
     # Sampling: (z - mean) / std is standard normal, and fresh on every read.
     raw = read_tars(cache, "train-*.tar")
-    reads = [{s["key"]: s["latent"] for s in LatentShards(str(cache), flip=False, scale_factor=1.0, shift=0.0,
+    reads = [{s["key"]: s["latent"] for s in LatentShards.from_cache(str(cache), flip=False, scale_factor=1.0, shift=0.0,
                                                          shuffle=10)} for _ in range(2)]
     eps = np.stack([(reads[0][k].numpy() - raw[k]["mean.npy"].astype(np.float32)) / raw[k]["std.npy"]
                     .astype(np.float32) for k in raw])
     assert abs(eps.mean()) < 0.15 and abs(eps.std() - 1) < 0.1
     assert not torch.equal(reads[0][key], reads[1][key])
     # Flip: each read is one of the two stored copies, and both occur.
-    flips = [s for s in LatentShards(str(cache), sample=False, scale_factor=1.0, shift=0.0, shuffle=0, seed=1)]
+    flips = [s for s in LatentShards.from_cache(str(cache), sample=False, scale_factor=1.0, shift=0.0, shuffle=0, seed=1)]
     picked = [bool(np.allclose(s["latent"].numpy(), raw[s["key"]]["mean_flip.npy"].astype(np.float32))) for s in flips]
     assert all(p or np.allclose(s["latent"].numpy(), raw[s["key"]]["mean.npy"].astype(np.float32))
                for p, s in zip(picked, flips))
@@ -217,23 +124,23 @@ def test_reader_round_trip_and_normalisation(cache, model, dataset):
 
 def test_resampled_reader_is_reproducible_with_a_seed(cache):
     def keys(seed):
-        return [s["key"] for s in LatentShards(str(cache), shuffle=0, resampled=True, epoch_length=12, seed=seed)]
+        return [s["key"] for s in LatentShards.from_cache(str(cache), shuffle=0, resampled=True, epoch_length=12, seed=seed)]
     assert keys(3) == keys(3) and len(keys(3)) == 12
 
 
 def test_shuffled_reader_is_reproducible_with_a_seed(cache):
     """The sample shuffle buffer draws from the seed too: the same seed gives the same key order."""
     def keys(seed):
-        return [s["key"] for s in LatentShards(str(cache), shuffle=10, seed=seed)]
+        return [s["key"] for s in LatentShards.from_cache(str(cache), shuffle=10, seed=seed)]
     first = keys(3)
     assert keys(3) == first and len(first) == N_GOOD
     assert keys(4) != first and sorted(keys(4)) == sorted(first)
 
 
 def test_reader_epoch_length_and_worker_split(cache):
-    ds = LatentShards(str(cache), shuffle=0, epoch_length=7)
+    ds = LatentShards.from_cache(str(cache), shuffle=0, epoch_length=7)
     assert len(ds) == 7 and len(list(ds)) == 7
-    loader = torch.utils.data.DataLoader(LatentShards(str(cache), shuffle=0), batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(LatentShards.from_cache(str(cache), shuffle=0), batch_size=None, num_workers=2)
     assert Counter(s["key"] for s in loader) == Counter({k: 1 for k in {s["key"] for s in loader}})
     assert len({s["key"] for s in loader}) == N_GOOD
 
@@ -271,7 +178,7 @@ def test_two_ranks_without_process_group(tmp_path, model, dataset, images):
 def test_records_map_each_sample_to_its_shard():
     from types import SimpleNamespace
 
-    from ldm.data.cache_records import IndexedRecords, StreamRecords
+    from ldm.cache.records import IndexedRecords, StreamRecords
 
     # Map-style: rank 1 of 2 owns indices 1, 3, 5, 7, 9 -> shards [1, 3], [5, 7], [9]; shard 0 is complete.
     indexed = IndexedRecords(list(range(10)), 2, rank=1, world=2, complete=lambda i: i == 0)
@@ -290,7 +197,7 @@ def test_records_map_each_sample_to_its_shard():
 
 
 def test_shard_writer_alone(tmp_path):
-    from ldm.data.latent_cache import ShardWriter
+    from ldm.cache.writer import ShardWriter
 
     mean = torch.arange(24, dtype=torch.float32).reshape(3, 2, 2, 2)
     good = [{"index": i, "sample": {"key": f"k.{i}"}, "reason": None, "meta": {"source": None, "size": None}}

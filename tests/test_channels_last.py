@@ -14,7 +14,7 @@ from conftest import STAGE1_TEST_OVERRIDES
 from ldm import cli
 from ldm.checkpoints import load_first_stage
 from ldm.util import match_optimizer_state_layout
-from test_stage1_recipe import last_ckpt, train
+from helpers import last_ckpt, train
 
 CL = torch.channels_last
 

@@ -11,9 +11,9 @@ from conftest import ROOT
 from ldm import cli
 from ldm.checkpoints import load_first_stage
 from ldm.data.images import ImageFolder
-from ldm.data.latent_cache import CacheOptions, cache_latents
+from ldm.cache.writer import CacheOptions, cache_latents
 from ldm.util import ConfigError
-from test_latent_diffusion import SIZE, make_cache, make_images, make_stage1_run, stage2_config, write_config
+from helpers import SIZE, make_cache, make_images, make_stage1_run, stage2_config, write_config
 
 UNCOND = str(ROOT / "configs/ldm/uncond_small.yaml")
 UNCOND_DIT = str(ROOT / "configs/ldm/uncond_small_dit_flow.yaml")

@@ -31,11 +31,11 @@ from conftest import ROOT
 from ldm import cli
 from ldm.checkpoints import load_diffusion, load_first_stage
 from ldm.data.images import ImageFolder
-from ldm.data.latent_cache import CacheOptions, cache_latents
+from ldm.cache.writer import CacheOptions, cache_latents
 from ldm.sampling import generate
 from ldm.tools.ablation import read_plan
 from ldm.util import count_params, instantiate_from_config
-from test_latent_diffusion import TINY_TEXT, make_stage1_run
+from helpers import TINY_TEXT, make_stage1_run
 
 SIZE = 64  # test images; the f=8 autoencoders give 8x8 latents
 STEPS = 2

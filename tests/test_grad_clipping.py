@@ -8,12 +8,11 @@ without clipping the same run's norm is far above it (so the test would notice c
 from __future__ import annotations
 
 import pytest
+from helpers import build, stage2_config, train, trainer
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from test_latent_diffusion import build, stage2_config, trainer
-from test_stage1_recipe import train
 
 CLIP = 1e-3
 
@@ -44,18 +43,9 @@ def step_norms():
     handle.remove()
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from test_latent_diffusion import make_cache, make_images, make_stage1_run
-
-    root = tmp_path_factory.mktemp("clip")
-    images, captions = make_images(root / "images")
-    return make_cache(make_stage1_run(root / "stage1"), images, captions, root / "cache")
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_stage2_clips_with_fused_adamw(cache, tmp_path, step_norms, precision):
-    model, data = build(stage2_config(cache, "class"))
+def test_stage2_clips_with_fused_adamw(setup, tmp_path, step_norms, precision):
+    model, data = build(stage2_config(setup["cache"], "class"))
     run = trainer(tmp_path, 2, gradient_clip_val=CLIP, **precision_settings(precision))
     run.fit(model, datamodule=data)
     scaler = getattr(run.precision_plugin, "scaler", None)
@@ -65,7 +55,7 @@ def test_stage2_clips_with_fused_adamw(cache, tmp_path, step_norms, precision):
     assert len(step_norms) == 2 and all(norm <= CLIP * 1.001 for _, norm in step_norms), step_norms
 
     step_norms.clear()
-    model, data = build(stage2_config(cache, "class"))
+    model, data = build(stage2_config(setup["cache"], "class"))
     trainer(tmp_path / "unclipped", 1, **precision_settings(precision)).fit(model, datamodule=data)
     assert step_norms and step_norms[0][1] > 100 * CLIP
 

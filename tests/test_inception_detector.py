@@ -113,7 +113,7 @@ def test_fid_rises_with_noise(detector, features, images):
 
 def test_wrong_sha256_is_refused(path, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="SHA-256 .* is not the pinned"):
-        feats.FidHelperInception(path, expected_sha256="0" * 64)
+        feats.FidHelperInception.from_file(path, expected_sha256="0" * 64)
     tampered = tmp_path / feats.FID_HELPER_FILENAME
     tampered.write_bytes(path.read_bytes()[:1_000_000])
     with pytest.raises(ValueError, match="refusing"):

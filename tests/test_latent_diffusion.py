@@ -1,164 +1,27 @@
 """Stage-2 LightningModule: one optimizer step per conditioning mode (checked against Adam's closed-form first
 step and the EMA formula), cached vs live-encoded batches, exact resume through the CLI, two-process DDP.
 
-The helpers at the top (tiny images, a random stage-1 run folder, its latent cache, a stage-2 config) are
-also used by tests/test_sample_script.py.
+The helpers (tiny images, a random stage-1 run folder, its latent cache, a stage-2 config) are in tests/helpers.py.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-import yaml
 from PIL import Image
 
 from conftest import ROOT, subprocess_env
 from ldm import cli
-from ldm.data.images import ImageFolder
-from ldm.data.latent_cache import CacheOptions, cache_latents
-from ldm.data.latents import LatentShards
-from ldm.checkpoints import load_first_stage
+from ldm.cache.reader import LatentShards
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.util import instantiate_from_config
-from test_cache_latents import AE_CONFIG  # the tiny random LiteVAE used by the cache tests
-
-SIZE, N_IMAGES, LR = 32, 16, 1e-3
-CLASSES = ("cat", "dog")
-TINY_UNET = {"target": "ldm.modules.unet.UNetModel", "params": {
-    "in_channels": 4, "out_channels": 4, "model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
-    "attention_resolutions": [2], "num_head_channels": 8,
-    "use_scale_shift_norm": True}}  # additive time embeddings vanish under per-channel GroupNorm at width 16
-TINY_TEXT = {"target": "ldm.modules.conditioners.OpenCLIPTextEncoder", "params": {
-    "random_init": True, "text_cfg": {"width": 32, "layers": 2, "heads": 2, "context_length": 77,
-                                      "vocab_size": 49408}}}
-
-
-# ------------------------------------------------------------------------------------ shared helpers
-def make_images(root: Path) -> tuple[Path, Path]:
-    """16 random 32x32 PNGs in two class folders, and a captions file naming the class."""
-    rng = np.random.default_rng(0)
-    captions = {}
-    for i in range(N_IMAGES):
-        cls = CLASSES[i % 2]
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(root / cls / f"img{i:02d}.png")
-        captions[f"{cls}/img{i:02d}.png"] = f"a photo of a {cls} number {i}"
-    captions_file = root.parent / f"{root.name}_captions.json"
-    captions_file.write_text(json.dumps(captions))
-    return root, captions_file
-
-
-def image_dataset(images: Path, captions: Path) -> ImageFolder:
-    return ImageFolder(images, size=SIZE, labels_from_subfolders=True, captions=captions)
-
-
-def make_stage1_run(run: Path) -> Path:
-    """A fake stage-1 run folder (project config + Lightning-style checkpoint) with random weights."""
-    torch.manual_seed(0)
-    ae = instantiate_from_config(AE_CONFIG)
-    (run / "checkpoints").mkdir(parents=True)
-    torch.save({"state_dict": {f"autoencoder.{k}": v for k, v in ae.state_dict().items()}},
-               run / "checkpoints" / "last.ckpt")
-    (run / "configs").mkdir()
-    project = {"model": {"target": "autoencoder.lightning.AutoencoderModule", "params": {"autoencoder": AE_CONFIG}}}
-    (run / "configs" / "2024-01-01T00-00-00-project.yaml").write_text(yaml.safe_dump(project))
-    return run
-
-
-def make_cache(stage1: Path, images: Path, captions: Path, out: Path) -> Path:
-    """Latent cache of the images (train and validation splits) written by the real cache library."""
-    model, info = load_first_stage(stage1)
-    data_cfg = {"target": "ldm.data.ImageFolder", "params": {"root": str(images), "size": SIZE,
-                                                             "labels_from_subfolders": True, "captions": str(captions)}}
-    for split in ("train", "validation"):
-        opts = CacheOptions(out_dir=str(out), split=split, samples_per_shard=6, batch_size=8)
-        cache_latents(model, info, image_dataset(images, captions), opts, data_cfg)
-    return out
-
-
-def stage2_config(cache: Path, conditioning: str = "class", **params) -> dict:
-    """A tiny stage-2 project config on the cache; every epoch is the same 2 batches of 4 (deterministic)."""
-    unet = copy.deepcopy(TINY_UNET)
-    model = {"unet_config": unet, "conditioning": conditioning, "latent_stats": str(cache),
-             "first_stage": {"path": "from_manifest"}, "ema_decay": 0.999, "sample_steps": 4, "sample_cfg": 2.0,
-             "cond_drop_prob": 0.25, **params}
-    if conditioning == "class":
-        unet["params"]["num_classes"] = len(CLASSES)
-    if conditioning == "text":
-        unet["params"]["context_dim"] = TINY_TEXT["params"]["text_cfg"]["width"]
-        model["text_encoder_config"] = TINY_TEXT
-
-    def latents(split: str) -> dict:
-        return {"target": "ldm.data.LatentShards", "params": {
-            "root": str(cache), "split": split, "shuffle": 0, "flip": False, "seed": 0, "epoch_length": 8}}
-
-    return {
-        "model": {"base_learning_rate": LR, "target": "ldm.models.latent_diffusion.LatentDiffusion", "params": model},
-        "data": {"target": "ldm.data.DataModule",
-                 "params": {"batch_size": 4, "train": latents("train"), "validation": latents("validation")}},
-        "lightning": {
-            "trainer": {"max_steps": 2, "accelerator": "cpu", "log_every_n_steps": 1, "enable_progress_bar": False,
-                        "val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1,
-                        "num_sanity_val_steps": 0, "enable_model_summary": False},
-            "logger": {"tensorboard": None},
-            "checkpoint": {"every_n_train_steps": 1000},
-            "image_logger": {"every_n_steps": 1000, "max_images": 4}}}
-
-
-def write_config(config: dict, path: Path) -> str:
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
-def run_folder(logdir: Path) -> Path:
-    (run,) = [p for p in logdir.iterdir() if p.is_dir()]
-    return run
-
-
-def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-# ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("ldm")
-    images, captions = make_images(root / "images")
-    stage1 = make_stage1_run(root / "stage1")
-    return {"images": images, "captions": captions, "stage1": stage1,
-            "cache": make_cache(stage1, images, captions, root / "cache")}
-
-
-def build(config: dict) -> tuple[LatentDiffusion, pl.LightningDataModule]:
-    pl.seed_everything(0)
-    data = instantiate_from_config(config["data"])
-    model = instantiate_from_config(config["model"])
-    model.learning_rate = LR
-    return model, data
-
-
-def trainer(tmp_path: Path, steps: int, **kw) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      default_root_dir=str(tmp_path), **kw)
-
-
-def perturb(model: LatentDiffusion) -> None:
-    """Stand-in for training: the UNet's zero-initialised output layers block most gradients at step 1, so move
-    every weight off its init (in the EMA copy too) so that one step reaches every conditioning path."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    model.ema.module.load_state_dict(model.unet.state_dict())
+from helpers import (CLASSES, LR, SIZE, build, image_dataset, load_ckpt, perturb, run_folder, stage2_config,
+                     trainer, write_config)
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -181,7 +44,7 @@ def test_one_training_step_per_conditioning(setup, tmp_path, conditioning):
     assert total > 0.9  # (conv biases right before a per-channel GroupNorm get no gradient: they cancel)
     assert all(moved[k].float().mean() > 0.95 for k in after if k.startswith("time_embed"))  # t reaches the loss
     if conditioning == "class":  # the batch's labels (or the null label) reach the loss, no other
-        first = {s["cls"] for s in list(LatentShards(str(setup["cache"]), shuffle=0))[:4]}
+        first = {s["cls"] for s in list(LatentShards.from_cache(str(setup["cache"]), shuffle=0))[:4]}
         rows = (after["label_emb.weight"] - before["label_emb.weight"]).abs()
         assert all(rows[c].gt(0.99 * LR).all() for c in first)
         assert all(rows[c].eq(0).all() for c in set(range(len(CLASSES))) - first)
@@ -211,7 +74,7 @@ def test_cached_and_live_batches_equal(setup):
     stats = json.loads((setup["cache"] / "manifest.json").read_text())["splits"]["train"]["stats"]
     assert float(live.scale_factor) == pytest.approx(stats["scale_factor"])
 
-    latents = list(LatentShards(str(setup["cache"]), sample=False, flip=False, shuffle=0))
+    latents = list(LatentShards.from_cache(str(setup["cache"]), sample=False, flip=False, shuffle=0))
     images = image_dataset(setup["images"], setup["captions"])
     by_key = {images.files[i]: images[i] for i in range(len(images))}
     collate = torch.utils.data.default_collate

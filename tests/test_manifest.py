@@ -3,7 +3,6 @@
 shard reader for the diagnostics. Caches here are written by the real writer with a tiny fake encoder."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.data.latent_cache import CacheOptions, cache_latents
+from conftest import command_module
+from ldm.cache.writer import CacheOptions, cache_latents
 from ldm.metrics.mmd import mmd_to_standard_normal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,20 +61,13 @@ def manifest_json(cache: Path) -> dict:
     return json.loads((cache / "manifest.json").read_text())
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ------------------------------------------------------------------------------------------------ tests
 def test_normalize_uses_the_train_split_statistics(cache, tmp_path):
     """``latent_stats.py --normalize`` on validation normalises as stage 2 does: with train's shift/scale."""
     train = manifest_json(cache)["splits"]["train"]["stats"]
     own = manifest_json(cache)["splits"]["validation"]["stats"]
     assert abs(train["shift"] - own["shift"]) > 1  # the two normalisations really differ
-    report = load_script("latent_stats").main(["--cache", str(cache), "--split", "validation", "--normalize",
+    report = command_module("latent_stats").main(["--cache", str(cache), "--split", "validation", "--normalize",
                                                "--use-mean", "--n", "100", "--repeats", "1", "--bandwidths", "5"])
     means = stored_means(cache, "validation")
     expected = mmd_to_standard_normal((means - train["shift"]) * train["scale_factor"], seed=0, bandwidths=[5.0])
@@ -82,7 +75,7 @@ def test_normalize_uses_the_train_split_statistics(cache, tmp_path):
 
 
 def test_manifest_round_trip_and_lookups(cache):
-    from ldm.data.manifest import FORMAT, Manifest, read_latent_stats
+    from ldm.cache.manifest import FORMAT, Manifest, read_latent_stats
 
     data = manifest_json(cache)
     manifest = Manifest.read(cache)
@@ -108,13 +101,13 @@ def test_manifest_round_trip_and_lookups(cache):
     (lambda m: m["splits"]["train"].update(totl=1), r"unknown key\(s\) \['totl'\]"),
 ])
 def test_bad_manifest_is_refused_naming_file_and_key(cache, tmp_path, edit, message):
-    from ldm.data.latents import LatentShards
-    from ldm.data.manifest import ManifestError, read_latent_stats
+    from ldm.cache.reader import LatentShards
+    from ldm.cache.manifest import ManifestError, read_latent_stats
 
     data = manifest_json(cache)
     edit(data)
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    for read in (read_latent_stats, LatentShards):
+    for read in (read_latent_stats, LatentShards.from_cache):
         with pytest.raises(ManifestError, match=message) as e:
             read(str(tmp_path))
         assert str(tmp_path / "manifest.json") in str(e.value)

@@ -18,7 +18,8 @@ from ldm.metrics import features as feat
 from ldm.metrics.classifier import SmallClassifier, classification_accuracy, train_classifier
 from ldm.metrics.fid import (compute_features, feature_statistics, fid_from_features, frechet_distance, kid,
                              load_stats, save_stats, trace_sqrt_product)
-from ldm.metrics.image import psnr, ssim, to_uint8
+from ldm.io import to_uint8
+from ldm.metrics.image import psnr, ssim
 from ldm.metrics.lpips import VGG16_FILENAME, build_lpips
 from ldm.metrics.mmd import mmd_rbf, mmd_to_standard_normal
 

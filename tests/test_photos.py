@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from ldm.data import ImageFolder, ImageTransform, PhotoCrops, collate_skip_bad, split_photos
-from ldm.data.cache_records import IndexedSource
+from ldm.cache.records import IndexedSource
 from ldm.data.configs import dataset_config, deterministic
 from ldm.data.photos import ENDLESS_SKY_PHOTOS, fixed_positions
 from ldm.util import instantiate_from_config

@@ -6,7 +6,6 @@ files the real one writes, so the orchestration, resume logic and report are che
 """
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -19,15 +18,9 @@ from PIL import Image
 from ldm.tools import compare
 from ldm.tools.compare import Arm, CompareOptions, budget_overrides, repeat_seeds
 from ldm.tools.compare_report import class_grid, side_by_side
-from ldm.tools.pipeline import PY, Pipeline, curve, display, manifest_summary, read_metrics, resumable_run, timestamp
-
-
-class Interrupt(Exception):
-    pass
-
-
-def quiet(_: str) -> None:
-    pass
+from ldm.tools.pipeline import Pipeline, curve, display, manifest_summary, read_metrics, resumable_run
+from ldm.tools.stages import PY, Train
+from helpers import FakeCommands, Interrupt, arg, fake_measure, fake_run, quiet, write_csv
 
 
 # ------------------------------------------------------------------------------------------ Pipeline
@@ -95,23 +88,6 @@ def test_two_pipelines_on_one_folder_keep_each_others_stages(tmp_path):
     assert Pipeline(tmp_path, echo=quiet).is_done("b1") and a.is_done("b1")  # a sees b's stage after saving
 
 
-def fake_run(logdir: Path, name: str, rows: list[dict] | None = None) -> Path:
-    run = logdir / f"{timestamp()}_{name}"
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
-    write_csv(run / "csv" / "metrics.csv", rows or [{"step": 9, "train/loss": 1.0}])
-    return run
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def test_interrupted_training_resumes_its_own_run_folder(tmp_path):
     logdir = tmp_path / "runs"
     old = logdir / "2000-01-01T00-00-00_ae"  # a previous pipeline's run: never resumed by this one
@@ -126,12 +102,13 @@ def test_interrupted_training_resumes_its_own_run_folder(tmp_path):
             raise Interrupt  # killed after its first checkpoint
 
     pipe = Pipeline(tmp_path, echo=quiet, runner=runner)
+    stage = Train(bases=("configs/a.yaml",), logdir=logdir, name="ae", seed=3, overrides=("x=1",))
     with pytest.raises(Interrupt):
-        pipe.train("stage1", ["configs/a.yaml"], logdir, "ae", ["x=1"])
-    assert calls[0] == [PY, "main.py", "--base", "configs/a.yaml", "-t", "-l", str(logdir), "-n", "ae", "x=1"]
-    run = Pipeline(tmp_path, echo=quiet, runner=runner).train("stage1", ["configs/a.yaml"], logdir, "ae", ["x=1"])
+        pipe.train("stage1", stage)
+    assert calls[0] == [PY, "main.py", "--base", "configs/a.yaml", "-t", "-l", str(logdir), "-n", "ae", "-s", "3", "x=1"]
+    run = Pipeline(tmp_path, echo=quiet, runner=runner).train("stage1", stage)
     assert run != old and run.name.endswith("_ae")
-    assert calls[1] == [PY, "main.py", "-r", str(run), "-t", "x=1"]
+    assert calls[1] == [PY, "main.py", "-r", str(run), "-t", "-s", "3", "x=1"]
     assert resumable_run(logdir, "ae", since="1999-01-01T00-00-00") == run  # the newest one with a checkpoint
 
 
@@ -191,74 +168,6 @@ def test_side_by_side_keeps_every_image(tmp_path):
     out = Image.open(side_by_side({"A": a, "B": b}, tmp_path / "ab.png", gap=4, caption=16))
     assert out.size == (54, 28)
     assert out.getpixel((5, 20)) == (255, 0, 0) and out.getpixel((30, 20)) == (0, 0, 255)
-
-
-# ------------------------------------------------------------------------------------------ compare wiring
-def arg(cmd: list[str], flag: str) -> str:
-    return cmd[cmd.index(flag) + 1]
-
-
-class FakeCommands:
-    """Writes what each public command would write; can be told to interrupt the n-th command.
-
-    Metric values differ per arm and repeat (``VALUES`` by the ``--out`` file name), so the report's spreads
-    and tests have something to compute.
-    """
-
-    VALUES = {"lite_r0": 25.0, "lite_r1": 25.2, "sd_r0": 24.0, "sd_r1": 24.6}
-
-    def __init__(self, interrupt_at: int | None = None):
-        self.calls: list[list[str]] = []
-        self.interrupt_at = interrupt_at
-
-    def value(self, out: str) -> float:
-        return next((v for k, v in self.VALUES.items() if Path(out).name.startswith(k + "_")), 25.0)
-
-    def __call__(self, cmd: list[str]) -> None:
-        self.calls.append(cmd)
-        script = cmd[1]
-        if script == "main.py":
-            self.train(cmd)
-        elif script.endswith("cache_latents.py"):
-            Path(arg(cmd, "--out")).mkdir(parents=True, exist_ok=True)
-            (Path(arg(cmd, "--out")) / "manifest.json").write_text("{}")
-        elif script.endswith("sample.py"):
-            self.sample(Path(arg(cmd, "--out")))
-        elif script.endswith("eval_autoencoder.py"):
-            v = self.value(arg(cmd, "--out"))
-            self.json(arg(cmd, "--out"), {"results": [{"weights": "ema", "psnr": v, "ssim": v / 30, "rfid": 3.0}]})
-        elif script.endswith("eval_fid.py"):
-            v = self.value(arg(cmd, "--out"))
-            self.json(arg(cmd, "--out"), {"fid": v / 2, "kid_mean": 0.01, "class_accuracy": v / 30})
-        if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
-            raise Interrupt
-
-    def train(self, cmd: list[str]) -> None:
-        if "-r" in cmd:
-            return
-        run = fake_run(Path(arg(cmd, "-l")), arg(cmd, "-n"),
-                       [{"step": s, "train/loss": 1 / s, "train/rec": 1 / s, "val/psnr_ema": 20 + s / 10,
-                         "val/loss_ema": 1 / s} for s in (10, 20)])
-        for name in ("inputs", "reconstructions_ema"):
-            (run / "images" / "val").mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (16, 16)).save(run / "images" / "val" / f"{name}_gs-0000020_e-0000.png")
-
-    @staticmethod
-    def sample(out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "samples.npz", arr_0=np.zeros((20, 8, 8, 3), np.uint8), labels=np.arange(20) % 2)
-        Image.new("RGB", (8, 8)).save(out / "grid.png")
-
-    @staticmethod
-    def json(path: str, obj: dict) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj))
-
-
-def fake_measure(runs):
-    return {k: {"encoder_params": 1000 * (i + 1), "encoder_images_per_s": 50.0 / (i + 1),
-                "encoder_flops": 1e6 * (i + 1), "encoder_peak_bytes": 2**20 * (i + 1)}
-            for i, k in enumerate(runs)}
 
 
 ARMS = [Arm("lite", "LiteVAE", "configs/autoencoder/litevae_tiny.yaml", "configs/ldm/fmnist_litevae_tiny.yaml"),
@@ -426,12 +335,29 @@ def test_a_downstream_variant_reuses_the_folders_stage_1_and_latents(tmp_path):
 
 def test_the_command_line_defaults_are_the_options_defaults():
     """`make compare` (no flags) runs exactly CompareOptions() (budgets included)."""
-    import importlib.util
+    from ldm.tools.commands import compare_encoders
 
-    from conftest import ROOT
+    assert compare_encoders.parse_args([]) == CompareOptions()
+    assert compare_encoders.parse_args(["--ae-steps", "7"]).ae_steps == 7
 
-    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare_encoders.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.parse_args([]) == CompareOptions()
-    assert script.parse_args(["--ae-steps", "7"]).ae_steps == 7
+
+def test_the_demo_builds_every_command_through_the_stages_and_the_scripts_parsers(tmp_path, monkeypatch, capsys):
+    """The demo's five stages, with fake commands (each parsed by its script's own parser on the way, FakeCommands):
+    the commands are the README's, in order."""
+    from ldm.tools.commands import demo
+
+    fake = FakeCommands()
+    monkeypatch.setattr(demo, "manifest_summary", lambda latents: "manifest")
+    monkeypatch.setattr(demo, "class_grid", lambda npz, path: path)
+    args = demo.build_parser().parse_args(["--logdir", str(tmp_path / "logs"), "--latents", str(tmp_path / "lat"),
+                                           "--samples", str(tmp_path / "samples"), "--seed", "3"])
+    assert demo.run_demo(args, Pipeline(tmp_path / "state", echo=quiet, runner=fake)) == 0
+    assert [Path(c[1]).name for c in fake.calls] == ["main.py", "cache_latents.py", "cache_latents.py", "main.py",
+                                                     "sample.py", "eval_fid.py"]
+    stage1, stage2 = fake.calls[0], fake.calls[3]
+    assert stage1[2:5] == ["--base", "configs/autoencoder/litevae_tiny.yaml", "-t"] and arg(stage1, "-s") == "3"
+    assert arg(stage2, "--base") == "configs/ldm/fmnist_litevae_tiny.yaml" and stage2[-1].startswith("latents=")
+    evaluation = fake.calls[-1][2:]
+    assert evaluation[:6] == ["--samples", evaluation[1], "--ref", "configs/data/fmnist64_cache.yaml", "--ref-split",
+                              "validation"] and "--precision-recall" in evaluation
+    assert "no FID computed" in capsys.readouterr().out

@@ -2,14 +2,13 @@
 and through eval_fid.py, where they come from the same detector features as the FID."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import command_module
 from ldm.evaluation.detectors import build_detector
 from ldm.metrics.features import build_feature_extractor
 from ldm.metrics.fid import feature_statistics, save_stats
@@ -78,13 +77,6 @@ def test_needs_more_points_than_k():
 
 
 # ----------------------------------------------------------------------------------------- eval_fid
-def _eval_fid():
-    spec = importlib.util.spec_from_file_location("eval_fid", ROOT / "scripts" / "eval_fid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_fid_precision_recall_uses_the_fid_features(tmp_path):
     rng = np.random.default_rng(3)
     ref = rng.integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)  # NHWC, the ADM/sample.py layout
@@ -98,7 +90,7 @@ def test_eval_fid_precision_recall_uses_the_fid_features(tmp_path):
     real = net(torch.from_numpy(ref).permute(0, 3, 1, 2)).numpy().astype(np.float32)  # as cached
     fake = net(torch.from_numpy(samples).permute(0, 3, 1, 2)).numpy()
     expected = precision_recall(real, fake, k=3)
-    script = _eval_fid()
+    script = command_module("eval_fid")
     cache = tmp_path / "stats" / "ref.npz"
     results = []
     for ref_spec, extra in ((tmp_path / "ref.npz", ["--ref-stats-cache", str(cache)]),

@@ -2,7 +2,6 @@
 samples.npz (arr_0 uint8 NHWC + labels) and grid agree with each other; the class per seed is as documented."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +12,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, command_module, subprocess_env
 from ldm import cli
 from ldm.checkpoints import load_diffusion
 from ldm.sampling import parse_seeds
 from ldm.util import image_grid
-from test_latent_diffusion import SIZE, make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
+from helpers import SIZE, make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
 
 SCRIPT = ROOT / "scripts" / "sample.py"
 COMMON = ["--seeds", "0-7", "--steps", "4", "--device", "cpu"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("sample_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +46,7 @@ def assert_same_images(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def sample(run: Path, out: Path, *args: str) -> dict:
-    assert load_script().main([str(run), "--out", str(out), *COMMON, *args]) == 0
+    assert command_module("sample").main([str(run), "--out", str(out), *COMMON, *args]) == 0
     return dict(np.load(out / "samples.npz"))
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import LITEVAE_TINY, STAGE1_TEST_OVERRIDES
 from ldm import cli
-from test_latent_diffusion import make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
+from helpers import make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
 
 STEPS = 3
 LONG_INTERVALS = ["lightning.trainer.val_check_interval=1000", "lightning.image_logger.every_n_steps=1000"]

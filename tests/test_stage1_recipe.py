@@ -8,14 +8,11 @@ Runs go through the real CLI in-process (``ldm.cli.main``) on the tiny configs s
 """
 from __future__ import annotations
 
-import csv
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -27,35 +24,11 @@ from autoencoder.sd_vae import Decoder
 from conftest import LITEVAE_TINY, SD_VAE_TINY, STAGE1_TEST_OVERRIDES
 from ldm import cli
 from ldm.ema import EMA
-from ldm.util import NonFiniteLossError, instantiate_from_config, load_state_dict, load_weights
+from ldm.util import NonFiniteLossError, load_state_dict, load_weights
+from helpers import adam_steps, build_module, csv_rows, image_batch, last_ckpt, train
 
 # One fixed data order: no shuffling, no random flips (resume / accumulation compare runs sample by sample).
 FIXED_DATA = ["data.params.shuffle=false", "data.params.train.params.flip=false"]
-
-
-# ------------------------------------------------------------------------- helpers
-def train(logdir: Path, *overrides: str, config: str = LITEVAE_TINY, args: tuple[str, ...] = ()) -> Path:
-    """One in-process training run; returns its run folder."""
-    assert cli.main(["--base", config, "-t", "-l", str(logdir), *args, *STAGE1_TEST_OVERRIDES, *overrides]) == 0
-    (run,) = [p for p in logdir.iterdir() if p.is_dir()]
-    return run
-
-
-def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def last_ckpt(run: Path) -> dict:
-    return load_ckpt(run / "checkpoints" / "last.ckpt")
-
-
-def adam_steps(ckpt: dict, index: int) -> int:
-    state = ckpt["optimizer_states"][index]["state"]
-    return int(next(iter(state.values()))["step"]) if state else 0
-
-
-def csv_rows(run: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(open(run / "csv" / "metrics.csv")))
 
 
 def track_training_steps(monkeypatch) -> dict:
@@ -87,18 +60,6 @@ def optimizer_steps():
     handle = register_optimizer_step_pre_hook(hook)
     yield records
     handle.remove()
-
-
-def build_module(config: str = LITEVAE_TINY, **params) -> AutoencoderModule:
-    model_cfg = OmegaConf.load(config).model
-    model_cfg.params = OmegaConf.merge(model_cfg.params, params)
-    torch.manual_seed(0)
-    return instantiate_from_config(model_cfg, where="model")
-
-
-def image_batch(n: int = 2, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(n, 3, size, size, generator=g) * 2 - 1}
 
 
 # ------------------------------------------------------------------------- EMA

@@ -5,7 +5,6 @@ record existed still load where their cache is, or say how to proceed."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -16,20 +15,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT
+from conftest import command_module
 from ldm import cli
 from ldm.checkpoints import export_diffusion, export_first_stage, load_diffusion
 from ldm.util import sha256_file
-from test_latent_diffusion import make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
+from helpers import make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
 
 SEEDS = ["--seeds", "0-1", "--steps", "2", "--device", "cpu", "--batch", "2"]
 
 
 def sample_main(*argv: str) -> int:
-    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in argv] + SEEDS)
+    return command_module("sample").main([str(a) for a in argv] + SEEDS)
 
 
 def refusal(*argv: str) -> str:

@@ -7,29 +7,21 @@ is that the LightningModule wires them (loss, validation, EMA, resume, export, s
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, command_module
 from ldm import cli
 from ldm.checkpoints import load_diffusion
 from ldm.diffusion import TimeSampler, flow_loss
-from test_latent_diffusion import (SIZE, build, load_ckpt, make_cache, make_images, make_stage1_run, run_folder,
-                                   stage2_config, write_config)
+from helpers import (SIZE, build, load_ckpt, make_cache, make_images, make_stage1_run, run_folder, stage2_config,
+                     write_config)
 
 TINY_DIT = {"target": "ldm.modules.dit.DiT", "params": {
     "input_size": SIZE // 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 2, "num_heads": 2}}
 FLOW = {"objective": "flow", "time_sampler": {"distribution": "logit_normal", "mean": 0.0, "std": 1.0}}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def config(cache, backbone: str, objective: str) -> dict:
@@ -83,11 +75,11 @@ def test_train_resume_export_and_sample(cache, tmp_path, no_run_time, backbone, 
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-6, atol=1e-6, msg=key)
 
     model = load_diffusion(split, device="cpu")[0]
-    assert model.objective == objective and type(model.unet).__name__ == {"dit": "DiT", "unet": "UNetModel"}[backbone]
-    sample = load_script("sample")
+    assert model.objective.name == objective and type(model.unet).__name__ == {"dit": "DiT", "unet": "UNetModel"}[backbone]
+    sample = command_module("sample")
     common = ["--seeds", "0-3", "--steps", "3", "--device", "cpu", "--batch", "2"]
     assert sample.main([str(split), "--out", str(tmp_path / "run_samples"), *common]) == 0
-    assert load_script("export").main([str(split), "--out", str(tmp_path / "release" / "ldm")]) == 0
+    assert command_module("export").main([str(split), "--out", str(tmp_path / "release" / "ldm")]) == 0
     assert sample.main([str(tmp_path / "release" / "ldm.safetensors"), "--out", str(tmp_path / "export_samples"),
                         *common]) == 0
     run_npz, export_npz = (np.load(tmp_path / d / "samples.npz") for d in ("run_samples", "export_samples"))
@@ -113,6 +105,6 @@ def test_flow_config_of_the_compare_variant_builds(cache):
     from ldm.models.latent_diffusion import LatentDiffusion
 
     model = LatentDiffusion.from_params(**params)
-    assert model.objective == "flow" and type(model.unet).__name__ == "DiT"
+    assert model.objective.name == "flow" and type(model.unet).__name__ == "DiT"
     z = model.sample_latents([0, 1], labels=[3, 4], steps=2)
     assert z.shape == (2, 4, SIZE // 8, SIZE // 8) and torch.isfinite(z).all()

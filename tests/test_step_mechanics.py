@@ -13,8 +13,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from autoencoder.lightning import AutoencoderModule
-from test_latent_diffusion import build, make_cache, make_images, make_stage1_run, stage2_config, trainer
-from test_stage1_recipe import adam_steps, build_module, image_batch, load_ckpt, train
+from helpers import (adam_steps, build, build_module, image_batch, load_ckpt, make_cache, make_images,
+                     make_stage1_run, stage2_config, train, trainer)
 
 STEPS = 3
 

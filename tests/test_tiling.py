@@ -2,14 +2,13 @@
 result, no seam at tile borders, one tile = plain call; and the encoder's measured receptive field."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import LITEVAE_TINY, ROOT
+from conftest import LITEVAE_TINY, command_module
 from ldm.first_stage.posterior import GaussianPosterior
 from ldm.tiling import TiledAutoencoder, check_tiling, decode_tiled, encode_tiled, tile_starts, tiled
 from ldm.sampling import _first_stage_decoder
@@ -147,25 +146,18 @@ def test_generic_model_and_posterior():
     assert tiled(model, None) is model and tiled(model, 64, 16).downsample_factor == 8
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name, required", [("cache_latents", ["--ae", "a", "--out", "o"]),
                                             ("eval_autoencoder", ["--ae", "a"]), ("sample", ["run"])])
 def test_script_options(name, required, capsys):
     """--tile / --tile-overlap and --precision fp16 (--decode-precision for sample.py), checked at parse time."""
-    script = _script(name)
+    script = command_module(name)
     precision = "--decode-precision" if name == "sample" else "--precision"
-    args = script.parse_args([*required, "--tile", "512", "--tile-overlap", "64", precision, "fp16"])
+    args = script.build_parser().parse_args([*required, "--tile", "512", "--tile-overlap", "64", precision, "fp16"])
     assert (args.tile, args.tile_overlap) == (512, 64)
-    assert script.parse_args(required).tile is None  # off by default
+    assert script.build_parser().parse_args(required).tile is None  # off by default
     for bad in (["--tile", "0"], ["--tile-overlap", "-8"], [precision, "fp8"]):
         with pytest.raises(SystemExit):
-            script.parse_args([*required, *bad])
+            script.build_parser().parse_args([*required, *bad])
     assert "--tile" in capsys.readouterr().err
 
 

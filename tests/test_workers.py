@@ -7,9 +7,9 @@ import logging
 import warnings
 
 from ldm.data.datamodule import DataModule
-from ldm.data.latents import LatentShards
+from ldm.cache.reader import LatentShards
 from ldm.util import fit_workers, usable_cpus
-from test_latent_diffusion import make_cache, make_images, make_stage1_run
+from helpers import make_cache, make_images, make_stage1_run
 
 
 def test_requested_workers_are_lowered_to_the_usable_cores_once(caplog):
@@ -24,9 +24,9 @@ def test_requested_workers_are_lowered_to_the_usable_cores_once(caplog):
 def test_latent_loaders_use_no_more_workers_than_shards(tmp_path, caplog):
     images, captions = make_images(tmp_path / "images")
     cache = make_cache(make_stage1_run(tmp_path / "stage1"), images, captions, tmp_path / "cache")
-    validation = LatentShards(str(cache), "validation", shuffle=0)
+    validation = LatentShards.from_cache(str(cache), "validation", shuffle=0)
     assert len(validation.urls) == 3  # 16 images, 6 per shard
-    resampled = LatentShards(str(cache), "train", resampled=True, epoch_length=16)
+    resampled = LatentShards.from_cache(str(cache), "train", resampled=True, epoch_length=16)
     data = DataModule(batch_size=4, num_workers=64, train=resampled, validation=validation)
     assert data.num_workers == usable_cpus()
     assert validation.useful_workers(8) == 3 and validation.useful_workers(8, rank=1, world=2) == 1

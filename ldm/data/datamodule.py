@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ldm.data.images import collate_skip_bad, collate_train
 from ldm.data.sampler import ResumableSampler
-from ldm.data.shards import ShardStream
+from ldm.cache.shards import ShardStream
 from ldm.util import check_range, fit_workers, instantiate_from_config, run_seed
 
 log = logging.getLogger(__name__)

@@ -51,27 +51,57 @@ def _find_files(root: Path, split: str) -> tuple[Path, Path] | None:
     return None
 
 
+def _download(root: Path, split: str) -> tuple[Path, Path] | None:
+    """Fetch the files once even when several processes (DDP ranks) ask at the same time: the first holds a lock
+    file in root while it downloads, the others then find its files."""
+    from filelock import FileLock  # a dependency of torch
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".fashion-mnist-download.lock")):
+        files = _find_files(root, split)
+        if files is None:
+            log.info("downloading Fashion-MNIST into %s (download=True)", root)
+            TorchvisionFashionMNIST(str(root), train=split == "train", download=True)
+            files = _find_files(root, split)
+    return files
+
+
 class FashionMNIST(Dataset):
     """Fashion-MNIST as ``{"image": (3, size, size) in [-1, 1], "cls": int, "key": "fmnist-<split>-<index>"}``.
 
-    ``limit`` keeps the first N images (deterministic subsets for tests and the demo).
+    ``from_files`` (what configs' ``target: ldm.data.FashionMNIST`` calls) reads the idx files of ``split`` from
+    ``root``; ``limit`` keeps the first N images (deterministic subsets for tests and the demo). ``__init__`` takes
+    the decoded arrays.
     """
 
-    def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, split: Literal["train", "test"] = "train",
-                 size: int = 64, flip: bool = False, limit: int | None = None, download: bool = False):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, split: Literal["train", "test"] = "train",
+                 size: int = 64, flip: bool = False):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.split, self.size = images, labels, split, size
+        steps = [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip(p=0.5))
+        self.transform = v2.Compose(steps)
+
+    @classmethod
+    def from_files(cls, root: str | os.PathLike = DEFAULT_ROOT, split: Literal["train", "test"] = "train",
+                   size: int = 64, flip: bool = False, limit: int | None = None,
+                   download: bool = False) -> "FashionMNIST":
         if split not in _PREFIX:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be a positive integer or None, got {limit}")
-        self.root, self.split, self.size = Path(root).expanduser(), split, size
-        files = _find_files(self.root, split)
+        root = Path(root).expanduser()
+        files = _find_files(root, split)
         if files is None and download:
-            files = self._download()
+            files = _download(root, split)
         if files is None:
             prefix = _PREFIX[split]
             raise FileNotFoundError(
                 f"Fashion-MNIST {split} files ({prefix}-images-idx3-ubyte.gz, {prefix}-labels-idx1-ubyte.gz) "
-                f"not found in {self.root}. Install them with `apt-get install dataset-fashion-mnist` "
+                f"not found in {root}. Install them with `apt-get install dataset-fashion-mnist` "
                 f"(goes to {DEFAULT_ROOT}) or set `download: true` to fetch them into root.")
         images, labels = read_idx(files[0], 3), read_idx(files[1], 1)
         if len(images) != len(labels):
@@ -79,26 +109,9 @@ class FashionMNIST(Dataset):
         if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
             raise ValueError(f"{files[1]}: label {labels.max()} outside 0..9")
         n = len(images) if limit is None else min(limit, len(images))
-        self.images, self.labels = images[:n], labels[:n]
-        steps = [v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
-        if flip:
-            steps.append(v2.RandomHorizontalFlip(p=0.5))
-        self.transform = v2.Compose(steps)
+        return cls(images[:n], labels[:n], split, size, flip)
 
-    def _download(self) -> tuple[Path, Path] | None:
-        """Fetch the files once even when several processes (DDP ranks) ask at the same time: the first holds
-        a lock file in root while it downloads, the others then find its files."""
-        from filelock import FileLock  # a dependency of torch
-        from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / ".fashion-mnist-download.lock")):
-            files = _find_files(self.root, self.split)
-            if files is None:
-                log.info("downloading Fashion-MNIST into %s (download=True)", self.root)
-                TorchvisionFashionMNIST(str(self.root), train=self.split == "train", download=True)
-                files = _find_files(self.root, self.split)
-        return files
+    from_params = from_files  # what instantiate_from_config calls with a config's params
 
     def __len__(self) -> int:
         return len(self.images)

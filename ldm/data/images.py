@@ -138,6 +138,7 @@ class ImageFolder(Dataset):
             self._init_captions(captions)
         # One flag per file in shared memory: workers mark bad files, the main process can count them.
         self._bad = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
+        self._errors: dict[int, str] = {}  # why file i was bad, in the process that read it
 
     def _init_labels(self) -> None:
         loose = [f for f in self.files if "/" not in f]
@@ -177,6 +178,7 @@ class ImageFolder(Dataset):
             return to_rgb_tensor(open_image(path, self.min_size))
         except (*DECODE_ERRORS, BadImageError) as e:
             self._bad[i] = True
+            self._errors[i] = f"{type(e).__name__}: {e}"
             log.warning("skipping bad image %s: %s: %s [%d bad files so far in %s]", path, type(e).__name__, e,
                         self.skipped, self.root)
             return None
@@ -191,6 +193,10 @@ class ImageFolder(Dataset):
         if self.captions is not None:
             sample["txt"] = self.captions[i]
         return sample
+
+    def error(self, i: int) -> str | None:
+        """Why file ``i`` was skipped, when this process read it (the latent cache records it)."""
+        return self._errors.get(i)
 
     @property
     def skipped(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Literal
 import webdataset as wds
 
 from ldm.data.images import SkipCounter
-from ldm.data.shards import ShardStream, local_path
+from ldm.cache.shards import ShardStream, local_path
 from ldm.data.transforms import (DECODE_ERRORS, BadImageError, ImageTransform, check_truncated_flag, open_image,
                                  to_rgb_tensor)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -14,7 +13,8 @@ from tqdm.auto import tqdm
 from ldm.evaluation.detectors import Detector
 from ldm.evaluation.sources import _skip_none
 from ldm.metrics.fid import feature_statistics, frechet_distance, small_sample_warning
-from ldm.metrics.image import psnr, ssim, to_uint8
+from ldm.io import atomic_path, to_uint8
+from ldm.metrics.image import psnr, ssim
 from ldm.precision import GuardedAutoencoder
 
 log = logging.getLogger(__name__)
@@ -64,22 +64,24 @@ class _Accumulator:
 
 
 def load_real_features(path: str | Path | None, key: str) -> dict[int, np.ndarray] | None:
-    """Cached detector features of the original images (``{resolution: (N, D)}``), if ``path`` holds them for
-    ``key`` (detector, data, split, count): every autoencoder evaluated on the same images reuses them."""
+    """Cached detector features of the original images (``{resolution: (N, D)}``) for ``key`` (detector, data,
+    split, count), so that every autoencoder evaluated on the same images reuses them; None if ``path`` does not
+    exist yet. The project's rule for keyed result caches: a file made for another key is an error naming it,
+    never silently recomputed and overwritten (reference statistics and the classifier cache do the same)."""
     if path is None or not Path(path).is_file():
         return None
     with np.load(path) as data:
         if str(data["key"]) != key:
-            return None
+            raise ValueError(f"{path} holds the features of other images or another detector; give this "
+                             "evaluation its own --real-features-cache")
         return {int(name.split("_")[1]): data[name] for name in data.files if name.startswith("res_")}
 
 
 def save_real_features(path: str | Path, key: str, features: Mapping[int, np.ndarray]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, key=np.array(key), **{f"res_{r}": f for r, f in features.items()})
-    tmp.replace(path)  # atomic: two evaluations writing the same cache leave one whole file
+    with atomic_path(path) as tmp:  # two evaluations writing the same cache leave one whole file
+        np.savez(tmp, key=np.array(key), **{f"res_{r}": f for r, f in features.items()})
 
 
 def evaluate_autoencoder(model: torch.nn.Module, batches: Iterable[Any], resolutions: Sequence[int] | None = None,

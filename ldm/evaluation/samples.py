@@ -14,6 +14,7 @@ import torch
 
 from ldm.evaluation.detectors import Detector
 from ldm.evaluation.sources import ImageSource, _skip_none, data_loader
+from ldm.io import atomic_path, from_uint8
 from ldm.metrics.classifier import (
     SmallClassifier,
     classification_accuracy,
@@ -161,8 +162,9 @@ def reference_classifier(config: Mapping, cache_path: str | Path | None = None, 
                              seed=seed, progress=progress)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "num_classes": num_classes, "in_channels": model.features[0][0].in_channels,
-                    "size": model.size, "state_dict": model.state_dict()}, cache)
+        with atomic_path(cache) as tmp:  # a comparison's parallel evaluations may write it at once
+            torch.save({"key": key, "num_classes": num_classes, "in_channels": model.features[0][0].in_channels,
+                        "size": model.size, "state_dict": model.state_dict()}, tmp)
         log.info("classifier written to %s", cache)
     return model
 
@@ -183,7 +185,7 @@ def source_accuracy(model: torch.nn.Module, source: ImageSource) -> float:
     for images, labels in source.batches():
         if labels is None:
             raise ValueError(f"{source.spec} has no labels; the class accuracy needs samples.npz with 'labels'")
-        x = images.float() / 127.5 - 1
+        x = from_uint8(images)
         correct += round(classification_accuracy(model, x, labels) * len(labels))
         total += len(labels)
     return correct / total

@@ -22,7 +22,7 @@ from ldm.data.transforms import (
     open_image,
     to_rgb_tensor,
 )
-from ldm.metrics.image import to_uint8
+from ldm.io import read_samples_npz, to_uint8
 from ldm.util import fit_workers, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -187,14 +187,7 @@ def npz_array_header(path: str | Path, keys: Sequence[str]) -> tuple[tuple[int, 
 def load_npz_images(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """``arr_0`` (or ``images``) as uint8 NCHW, and ``labels`` (or ADM's ``arr_1``) if present (sample.py /
     ADM layout: NHWC)."""
-    with np.load(Path(path).expanduser(), allow_pickle=False) as data:
-        key = "arr_0" if "arr_0" in data.files else "images" if "images" in data.files else None
-        if key is None:
-            raise KeyError(f"{path}: no 'arr_0' or 'images' array (has {data.files})")
-        images = data[key]
-        # ``labels`` (ours) or ``arr_1`` (ADM's sample.py writes class-conditional labels there).
-        label_key = next((k for k in ("labels", "arr_1") if k in data.files and data[k].ndim == 1), None)
-        labels = data[label_key].astype(np.int64) if label_key else None
+    images, labels = read_samples_npz(Path(path).expanduser())
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: expected uint8 images (N, H, W, C) or (N, C, H, W), got {images.dtype} "
                          f"{images.shape}")

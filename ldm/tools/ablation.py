@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
+from ldm.io import markdown_table
 from ldm.tools.compare import Arm, CompareOptions, ae_metrics, eval_autoencoder, stage1, threads_per_job
 from ldm.tools.compare_report import Metric, cell, label, plot_curves
 from ldm.tools.compare_stats import Spread, spread, welch
@@ -80,18 +81,18 @@ def write_report(opts: AblationOptions, variants: Sequence[Arm], records: Mappin
     metrics = [m for m in METRICS if any(spread([r["photos"].get(m.key) for r in reps]).n for reps in records.values())]
     names = [label(m, detector != "random") for m in metrics]
     head = ["variant", "repeats", *names, *(f"Δ{n} vs first (Welch p)" for n in names[:2])]
-    lines = [f"# Stage-1 ablation: {opts.plan}", "", f"Command: `{command or 'python scripts/ablate_stage1.py'}`", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"# Stage-1 ablation: {opts.plan}", "", f"Command: `{command or 'python scripts/ablate_stage1.py'}`", ""]
     spreads = {v.key: {m.key: spread([r["photos"].get(m.key) for r in records[v.key]]) for m in metrics}
                for v in variants}
+    rows = []
     for v in variants:
         tests = []
         for m in metrics[:2]:
             t = welch(spreads[v.key][m.key], spreads[ref.key][m.key])
             test = f"p = {t.p:.3f}" if math.isfinite(t.p) else "no test: 1 repeat"
             tests.append("—" if v is ref else f"{t.difference:+.3g} ({test})")
-        lines.append(f"| {v.label} | {len(records[v.key])} | "
-                     + " | ".join(cell(m, spreads[v.key][m.key]) for m in metrics) + " | " + " | ".join(tests) + " |")
+        rows.append([v.label, len(records[v.key]), *(cell(m, spreads[v.key][m.key]) for m in metrics), *tests])
+    lines.append(markdown_table(rows, head).rstrip("\n"))
     first = metrics[0]  # per-repeat values of the headline metric, in seed order (repeat r = seed r)
     lines += ["", f"Per-repeat {names[0]}: " + "; ".join(
         f"{v.label}: " + ", ".join(cell(first, Spread((x,))) for x in spreads[v.key][first.key].values)

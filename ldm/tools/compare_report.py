@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.io import markdown_table, read_samples_npz
 from ldm.tools.compare_stats import ALPHA, Spread, spread, welch
 from ldm.tools.pipeline import curve
 from ldm.util import image_grid
@@ -77,27 +78,23 @@ def section_table(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str,
     if not metrics:
         return ""
     head = ["encoder", "repeats", *(label(m, comparable) for m in metrics)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm, reps in records.items():
-        cells = [cell(m, metric_spreads(records, m)[arm]) for m in metrics]
-        lines.append(f"| {labels[arm]} | {len(reps)} | " + " | ".join(cells) + " |")
+    table = markdown_table([[labels[arm], len(reps), *(cell(m, metric_spreads(records, m)[arm]) for m in metrics)]
+                            for arm, reps in records.items()], head)
     per_repeat = "; ".join(
         f"{labels[arm]} {label(m, comparable)}: " + ", ".join(cell(m, Spread((v,))) for v in spreads[arm].values)
         for m in metrics for arm, spreads in [(a, metric_spreads(records, m)) for a in records])
-    return "\n".join(lines) + f"\n\nPer-repeat values: {per_repeat}.\n"
+    return table + f"\nPer-repeat values: {per_repeat}.\n"
 
 
 def cost_table(encoders: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str]) -> str:
     head = ["encoder", "encoder params", "GFLOPs / image", "img/s", "peak inference memory (MiB)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm, e in encoders.items():
-        flops = e.get("encoder_flops")
-        memory = e.get("encoder_peak_bytes")
-        lines.append(f"| {labels[arm]} | {int(e['encoder_params']):,} | "
-                     f"{'—' if flops is None else f'{flops / 1e9:.3f}'} | {e['encoder_images_per_s']:.0f} | "
-                     f"{'—' if memory is None else f'{memory / 2**20:.1f}'} |")
+    rows = [[labels[arm], f"{int(e['encoder_params']):,}",
+             None if e.get("encoder_flops") is None else f"{e['encoder_flops'] / 1e9:.3f}",
+             f"{e['encoder_images_per_s']:.0f}",
+             None if e.get("encoder_peak_bytes") is None else f"{e['encoder_peak_bytes'] / 2**20:.1f}"]
+            for arm, e in encoders.items()]
     setting = next(iter(encoders.values())).get("throughput_setting", "")
-    return "\n".join(lines) + (f"\n\nMeasured: {setting}.\n" if setting else "\n")
+    return markdown_table(rows, head) + (f"\nMeasured: {setting}.\n" if setting else "")
 
 
 # ------------------------------------------------------------------------------------------ verdict
@@ -253,8 +250,7 @@ def side_by_side(images: Mapping[str, str | Path], path: str | Path, gap: int = 
 def class_grid(npz: str | Path, path: str | Path, per_class: int = 10) -> Path:
     """Row c of the grid = the first samples of class c (``samples.npz`` with labels), up to ``per_class``
     and the same number in every row."""
-    with np.load(npz) as data:
-        images, labels = data["arr_0"], data["labels"]
+    images, labels = read_samples_npz(npz)
     classes = np.unique(labels)
     per_class = min(per_class, min(int((labels == c).sum()) for c in classes))
     rows = [images[labels == c][:per_class] for c in classes]
@@ -312,11 +308,9 @@ CURVE_PANELS = [("ae_run", "train/rec", "stage 1: reconstruction loss"),
 
 def minutes_table(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str, str]) -> str:
     stages = list(dict.fromkeys(k for reps in records.values() for r in reps for k in r.get("minutes", {})))
-    lines = ["| encoder | " + " | ".join(f"{s} min" for s in stages) + " |", "|" + "---|" * (len(stages) + 1)]
-    for arm, reps in records.items():
-        cells = [spread([r.get("minutes", {}).get(s) for r in reps]).format("{:.1f}") for s in stages]
-        lines.append(f"| {labels[arm]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table([[labels[arm], *(spread([r.get("minutes", {}).get(s) for r in reps]).format("{:.1f}")
+                                           for s in stages)] for arm, reps in records.items()],
+                          ["encoder", *(f"{s} min" for s in stages)])
 
 
 def write_report(out: Path, records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Mapping],

@@ -15,16 +15,17 @@ import logging
 import os
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ldm.io import write_json_atomic
+from ldm.tools.stages import PY, Stage, Train
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-PY = sys.executable
 STATE_FILE = "state.json"
 TIME_FORMAT = "%Y-%m-%dT%H-%M-%S"  # the run-folder prefix written by ldm.cli; sorts chronologically
 
@@ -72,9 +73,8 @@ class Pipeline:
             on_disk = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"stages": {}}
             mine = {name: self.state["stages"][name] for name in self._touched}
             self.state["stages"] = {**on_disk.get("stages", {}), **mine}  # other processes' stages kept
-            tmp = self.state_path.with_name(f"{STATE_FILE}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.state, indent=1, default=str))
-            tmp.replace(self.state_path)  # atomic: an interrupt never leaves half a state file
+            # atomic: an interrupt never leaves half a state file
+            write_json_atomic(self.state_path, self.state, indent=1, default=str)
 
     def entry(self, name: str) -> dict:
         with self._lock:
@@ -98,15 +98,17 @@ class Pipeline:
         env = None if self.threads is None else {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         subprocess.run(cmd, cwd=self.cwd, check=True, env=env)
 
-    def command(self, name: str, cmd: Command | Callable[[], Command],
+    def command(self, name: str, cmd: Stage | Command | Callable[[], Stage | Command],
                 collect: Callable[[], dict] | None = None, outputs: Callable[[dict], list] | None = None) -> dict:
-        """Run ``cmd`` (a list, or a callable building it when the stage actually runs) unless done.
+        """Run ``cmd`` (an ``ldm.tools.stages`` stage or an argument list, or a callable building one when the stage
+        actually runs) unless done.
 
         ``collect()`` builds the stage's result after the command succeeds; ``outputs(result)`` lists the
         paths whose disappearance makes the stage run again.
         """
         def body() -> dict:
-            args = [str(a) for a in (cmd() if callable(cmd) else cmd)]
+            built = cmd() if callable(cmd) else cmd
+            args = [str(a) for a in (built.argv() if isinstance(built, Stage) else built)]
             with self._lock:
                 self.entry(name)["command"] = args
                 self._save()
@@ -142,16 +144,14 @@ class Pipeline:
         log.info("stage %s done in %.0f s", name, seconds)
         return result
 
-    def train(self, name: str, bases: Sequence[str], logdir: str | Path, run_name: str,
-              overrides: Sequence[str] = ()) -> Path:
-        """A ``main.py ... -t`` stage; an interrupted attempt continues with ``main.py -r <its run folder>``."""
-        logdir = Path(logdir)
+    def train(self, name: str, stage: Train) -> Path:
+        """A ``main.py ... -t`` stage (``stage`` names its ``logdir`` and run ``name``); an interrupted attempt
+        continues with ``main.py -r <its run folder>``."""
+        logdir, run_name = Path(stage.logdir), stage.name
 
-        def build() -> list[str]:
+        def build() -> Train:
             previous = resumable_run(logdir, run_name, since=self.entry(name)["started"])
-            if previous is not None:
-                return [PY, "main.py", "-r", str(previous), "-t", *overrides]
-            return [PY, "main.py", "--base", *bases, "-t", "-l", str(logdir), "-n", run_name, *overrides]
+            return stage if previous is None else stage.resumed(previous)
 
         result = self.command(name, build, collect=lambda: {"run": str(newest_run(logdir, run_name))},
                               outputs=lambda r: [Path(r["run"]) / "checkpoints" / "last.ckpt"])
@@ -211,7 +211,7 @@ def metric_keys(run_dir: str | Path) -> list[str]:
 
 def manifest_summary(cache_dir: str | Path) -> str:
     """A few lines describing a latent cache's ``manifest.json``: per split counts, shape and statistics."""
-    from ldm.data.manifest import Manifest  # here: the ldm.data package imports torch, this module does not
+    from ldm.cache.manifest import Manifest  # here: the ldm.data package imports torch, this module does not
 
     splits = Manifest.read(cache_dir).splits
     return "\n".join([f"latent cache {cache_dir}:"] + [f"  {split}: {e.describe()}" for split, e in splits.items()])

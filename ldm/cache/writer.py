@@ -6,7 +6,7 @@ Layout of an output folder (one ``manifest.json`` for all splits)::
                                            [, cls][, txt], json ({"key", "source", "size"})
     {split}-r{rank:02d}-{index:06d}.json   sidecar: count, skipped inputs, latent statistics, run plan, keys
     {split}-r{rank:02d}.done.json          the rank finished: its list of shards
-    manifest.json                          ``ldm.data.manifest.Manifest``, written once every rank is done
+    manifest.json                          ``ldm.cache.manifest.Manifest``, written once every rank is done
 
 Crash safety: a shard is written to ``.tar.tmp``; its sidecar is written, then the tar is renamed to ``.tar``.
 A shard is complete iff its ``.tar`` exists. Rank ``r`` owns the dataset indices ``range(n)[r::world]`` and
@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import os
-import re
 import subprocess
 import tarfile
 import time
@@ -46,9 +45,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ldm.data.cache_records import (IndexedRecords, Item, StreamRecords, StreamSkips, collate_records)
-from ldm.data.cache_stats import LatentStats
-from ldm.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
+from ldm.cache.records import (IndexedRecords, Item, StreamRecords, StreamSkips, collate_records)
+from ldm.cache.stats import LatentStats
+from ldm.cache.keys import KEY_SCHEME, tar_key
+from ldm.io import write_json_atomic
+from ldm.cache.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
 from ldm.precision import PRECISIONS, GuardedAutoencoder
 from ldm.tiling import DEFAULT_OVERLAP, TiledAutoencoder, tiled
 
@@ -72,29 +73,6 @@ def shard_name(split: str, rank: int, index: int) -> str:
 
 def done_name(split: str, rank: int) -> str:
     return f"{split}-r{rank:02d}.done.json"
-
-
-# Caches written before KEY_SCHEME replaced "." by "_" (not reversible: a.b and a_b collided); they still read,
-# since readers take the key from each sample's json.
-KEY_SCHEME = "percent: '%' -> '%25', '.' -> '%2E'"
-_ESCAPED = re.compile("%(25|2E)")
-
-
-def tar_key(key: str) -> str:
-    """A tar-safe ``__key__``: WebDataset splits member names at the first dot, so dots are escaped, and ``%``
-    too, which makes the escape injective and reversible (``key_from_tar``)."""
-    return str(key).replace("%", "%25").replace(".", "%2E")
-
-
-def key_from_tar(name: str) -> str:
-    """The key that ``tar_key`` escaped into ``name``."""
-    return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), name)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def npy_bytes(a: np.ndarray) -> bytes:

@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.util import instantiate_from_config
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 STAGE_CONFIGS = {1: ROOT / "configs/autoencoder/litevae_tiny.yaml", 2: ROOT / "configs/ldm/fmnist_litevae_tiny.yaml"}
 REFERENCE = {"target": "autoencoder.litevae_encoder.LiteVAEEncoder", "params": {"size": "B", "z_channels": 4}}
 
@@ -154,7 +154,8 @@ def run(variants: list[Variant] | None = None, steps: int = 30, warmup: int = 5,
         first.setdefault(v.stage, secs)
         rows.append({"suite": "train", "name": v.name, "s_per_step": round(secs, 4),
                      "s_per_step_runs": [round(t, 4) for t in times[v.name]],
-                     "gflop_per_step": round(flops[v.name] / 1e9, 2), "gflop_per_s": round(flops[v.name] / secs / 1e9, 1),
+                     "gflop_per_step": round(flops[v.name] / 1e9, 2),
+                     "gflop_per_s": round(flops[v.name] / secs / 1e9, 1),
                      "fraction_of_reference": round(flops[v.name] / secs / ref_rate, 3),
                      "speedup_vs_first_of_stage": round(first[v.stage] / secs, 2)})
     return rows

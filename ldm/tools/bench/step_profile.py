@@ -18,7 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.tools.train_speed import Variant, fit, seconds_per_step
+from ldm.io import markdown_table
+from ldm.tools.bench.train_speed import Variant, fit, seconds_per_step
 from ldm.util import step_generator
 
 
@@ -41,75 +42,77 @@ def _autocast(variant: Variant) -> Any:
     return (lambda: torch.autocast("cpu", torch.bfloat16)) if bf16 else nullcontext
 
 
+class _Laps:
+    """``laps(name)`` records the seconds since the previous lap under ``name``."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> float:
+        now = time.perf_counter()
+        self.parts[name], self.last = now - self.last, now
+        return now
+
+
 def _stage1_parts(module: Any, batch: dict, autocast: Callable) -> Callable[[], dict[str, float]]:
     """One stage-1 step (discriminator on) as named parts; returns a function giving each part's seconds."""
     ae, loss = module.autoencoder, module.loss
-    opt_ae, opt_d = (o.optimizer if hasattr(o, "optimizer") else o for o in module.trainer.optimizers)
+    opt_ae, opt_d = (getattr(o, "optimizer", o) for o in module.trainer.optimizers)
     x = module.get_input(batch, train=True)
 
     def step() -> dict[str, float]:
         arrivals: dict[str, float] = {}
-        t = [time.perf_counter()]
+        laps = _Laps()
         with autocast():
             posterior = ae.encode(x)
-            t.append(time.perf_counter())
-            z = _Mark.apply(posterior.sample(step_generator(0, 0)), "z", arrivals)
-            xrec = ae.decode(z)
-            t.append(time.perf_counter())
+            laps("encoder forward")
+            xrec = ae.decode(_Mark.apply(posterior.sample(step_generator(0, 0)), "z", arrivals))
+            laps("decoder forward")
             marked = _Mark.apply(xrec, "xrec", arrivals)
             loss.discriminator.requires_grad_(False)
             g_loss, _ = loss.generator_loss(x, marked, posterior, -1)  # every term but the adversarial one
-            t.append(time.perf_counter())
+            laps("loss terms forward (pixel, LPIPS, KL, wavelet, Gaussian)")
             g_adv = loss._g_adv(loss._run_discriminator(_Mark.apply(marked, "d_in", arrivals)))
             loss.discriminator.requires_grad_(True)
             total = g_loss + loss.disc_weight * g_adv
-            t.append(time.perf_counter())
+            start = laps("discriminator forward, generator side (batch 8)")
         total.backward()
-        t.append(time.perf_counter())
-        opt_ae.step()
-        opt_ae.zero_grad(set_to_none=True)  # the EMA hook on the optimizer runs inside step(): timed apart below
-        t.append(time.perf_counter())
+        end = laps("backward")
+        opt_ae.step()  # the EMA hook on the optimizer runs inside step()
+        opt_ae.zero_grad(set_to_none=True)
+        laps("autoencoder optimizer step + EMA update")
         with autocast():
             d_loss, _ = loss.discriminator_loss(x, xrec.detach(), 1 << 30)
-        t.append(time.perf_counter())
+        laps("discriminator forward, its own step (batch 16)")
         d_loss.backward()
-        t.append(time.perf_counter())
+        laps("discriminator backward, its own step")
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
-        t.append(time.perf_counter())
-        b0, b1 = t[4], t[5]
-        return {"encoder forward": t[1] - t[0], "decoder forward": t[2] - t[1],
-                "loss terms forward (pixel, LPIPS, KL, wavelet, Gaussian)": t[3] - t[2],
-                "discriminator forward, generator side (batch 8)": t[4] - t[3],
-                "discriminator backward, generator side": arrivals["d_in"] - b0,
+        laps("discriminator optimizer step")
+        del laps.parts["backward"]
+        return {**laps.parts, "discriminator backward, generator side": arrivals["d_in"] - start,
                 "loss terms backward": arrivals["xrec"] - arrivals["d_in"],
-                "decoder backward": arrivals["z"] - arrivals["xrec"], "encoder backward": b1 - arrivals["z"],
-                "autoencoder optimizer step + EMA update": t[6] - t[5],
-                "discriminator forward, its own step (batch 16)": t[7] - t[6],
-                "discriminator backward, its own step": t[8] - t[7], "discriminator optimizer step": t[9] - t[8]}
+                "decoder backward": arrivals["z"] - arrivals["xrec"], "encoder backward": end - arrivals["z"]}
     return step
 
 
 def _stage2_parts(module: Any, batch: dict, autocast: Callable) -> Callable[[], dict[str, float]]:
-    optimizer = module.trainer.optimizers[0]
-    optimizer = getattr(optimizer, "optimizer", optimizer)
+    optimizer = getattr(module.trainer.optimizers[0], "optimizer", module.trainer.optimizers[0])
 
     def step() -> dict[str, float]:
-        t = [time.perf_counter()]
-        gen = step_generator(0, 0)
+        laps, gen = _Laps(), step_generator(0, 0)
         with autocast():
             z, cond = module.get_input(batch, train=True, generator=gen)
-            t.append(time.perf_counter())
+            laps("inputs and conditioning (CFG dropout)")
             loss, _ = module.loss(module.unet, z, cond, gen)
-            t.append(time.perf_counter())
+            laps("backbone forward + loss")
         loss.backward()
-        t.append(time.perf_counter())
+        laps("backward")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t.append(time.perf_counter())
-        return {"inputs and conditioning (CFG dropout)": t[1] - t[0],
-                "backbone forward + loss": t[2] - t[1], "backward": t[3] - t[2],
-                "optimizer step + EMA update": t[4] - t[3]}
+        laps("optimizer step + EMA update")
+        return laps.parts
     return step
 
 
@@ -179,15 +182,15 @@ def profile_step(variant: Variant, reference_gflops: float, repeats: int = 15, t
 
 def markdown(report: dict) -> str:
     """The report as the tables docs/benchmarks.md holds."""
-    step_ms = report["step_s"] * 1e3
-    lines = [f"**{report['variant']}**: {step_ms:.0f} ms per Lightning step, {report['gflop']:.2f} GFLOP "
-             f"({report['gflop'] / report['step_s']:.0f} GFLOP/s, {report['gflop'] / report['step_s'] / report['reference_gflop_per_s']:.2f} "
-             f"of the reference's {report['reference_gflop_per_s']:.0f})", "", "| part | ms | share of the step |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} | {ms / step_ms:.0%} |" for name, ms in report["parts_ms"].items()]
-    ref = report["reference_gflop_per_s"]
-    lines += ["", "| network (forward + backward) | ms | GFLOP | GFLOP/s | of the dense rate |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} | {gflop:.2f} | {rate:.0f} | {rate / ref:.2f} |"
-              for name, ms, gflop, rate in report["modules"]]
-    lines += ["", "| op (self time, replayed step) | ms per step | calls per step |", "|---|---|---|"]
-    lines += [f"| `{name}` | {ms:.1f} | {calls} |" for name, ms, calls in report["top_ops_ms"]]
-    return "\n".join(lines)
+    step_ms, ref = report["step_s"] * 1e3, report["reference_gflop_per_s"]
+    rate = report["gflop"] / report["step_s"]
+    head = (f"**{report['variant']}**: {step_ms:.0f} ms per Lightning step, {report['gflop']:.2f} GFLOP "
+            f"({rate:.0f} GFLOP/s, {rate / ref:.2f} of the reference's {ref:.0f})")
+    parts = markdown_table([[name, f"{ms:.1f}", f"{ms / step_ms:.0%}"] for name, ms in report["parts_ms"].items()],
+                           ["part", "ms", "share of the step"])
+    networks = markdown_table([[name, f"{ms:.1f}", f"{gflop:.2f}", f"{r:.0f}", f"{r / ref:.2f}"]
+                               for name, ms, gflop, r in report["modules"]],
+                              ["network (forward + backward)", "ms", "GFLOP", "GFLOP/s", "of the dense rate"])
+    ops = markdown_table([[f"`{name}`", f"{ms:.1f}", calls] for name, ms, calls in report["top_ops_ms"]],
+                         ["op (self time, replayed step)", "ms per step", "calls per step"])
+    return "\n".join([head, "", parts, networks, ops])

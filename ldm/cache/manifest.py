@@ -1,7 +1,7 @@
 """The latent cache's ``manifest.json``: one schema, validated on read, versioned on write.
 
 ``{"format": FORMAT, "splits": {split: SplitEntry}, "updated"}``; ``scripts/cache_latents.py`` writes it
-(``ldm.data.latent_cache.merge_manifest``), everything else reads it through ``Manifest.read``.
+(``ldm.cache.writer.merge_manifest``), everything else reads it through ``Manifest.read``.
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ class SplitEntry:
     total: int = _json(int)
     total_skipped: int = _json(int)
     skipped: list[dict] = _json(list)  # {"index", "source", "reason"[, "count"]} per bad input
-    stats: dict = _json(dict)  # ldm.data.cache_stats.LatentStats.summary()
+    stats: dict = _json(dict)  # ldm.cache.stats.LatentStats.summary()
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "SplitEntry":

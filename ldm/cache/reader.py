@@ -5,7 +5,7 @@ at random when the cache has one, and normalises ``z_norm = (z - shift) * scale_
 statistics (overridable). Shards are split across ranks and DataLoader workers by ``ShardStream``. Under DDP,
 make epochs end together with the standard recipe::
 
-    LatentShards(root, resampled=True, epoch_length=total)   # each rank yields ceil(total / world)
+    LatentShards.from_cache(root, resampled=True, epoch_length=total)   # each rank yields ceil(total / world)
 
 (``resampled=True`` draws shards at random per worker, so no rank runs dry; ``epoch_length`` counts samples
 over all ranks.)
@@ -20,9 +20,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ldm.data.latent_cache import key_from_tar
-from ldm.data.manifest import Manifest
-from ldm.data.shards import ShardStream
+from ldm.cache.keys import key_from_tar
+from ldm.cache.manifest import Manifest
+from ldm.cache.shards import ShardStream
 
 
 def npy_tensor(data: bytes) -> torch.Tensor:
@@ -33,29 +33,37 @@ def npy_tensor(data: bytes) -> torch.Tensor:
 class LatentShards(ShardStream):
     """Samples ``{"latent": (C, h, w) float32 normalised, "key": str[, "cls": int][, "txt": str]}``.
 
-    ``scale_factor``/``shift``: default to the manifest's normalisation (``Manifest.normalisation``: the
-    ``train`` split's statistics when cached); ``shift`` may be per channel. ``shuffle``: sample shuffle
-    buffer (0: stream order). ``seed``: ``None`` uses the torch RNG (fresh noise every epoch, seeded per
-    DataLoader worker by torch); an int makes noise, flips and shuffling reproducible (e.g. validation).
+    Built from a cache folder by ``from_cache`` (what configs' ``target: ldm.cache.LatentShards`` calls), which
+    reads the manifest; ``__init__`` takes the shard list and the normalisation as values. ``scale_factor``/
+    ``shift``: the manifest's normalisation unless given (``Manifest.normalisation``: the ``train`` split's
+    statistics when cached); ``shift`` may be per channel. ``shuffle``: sample shuffle buffer (0: stream order).
+    ``seed``: ``None`` uses the torch RNG (fresh noise every epoch, seeded per DataLoader worker by torch); an int
+    makes noise, flips and shuffling reproducible (e.g. validation).
     """
 
-    def __init__(self, root: str, split: str = "train", sample: bool = True, flip: bool = True,
-                 scale_factor: float | None = None, shift: float | Sequence[float] | None = None,
-                 shuffle: int = 1000, resampled: bool = False, epoch_length: int | None = None,
+    def __init__(self, urls: list[str], scale_factor: float, shift: float | Sequence[float],
+                 latent_shape: Sequence[int] | None = None, total: int | None = None, sample: bool = True,
+                 flip: bool = True, shuffle: int = 1000, resampled: bool = False, epoch_length: int | None = None,
                  seed: int | None = None):
+        super().__init__(urls, shuffle, resampled, epoch_length, seed, total=total)
+        self.scale_factor = float(scale_factor)
+        self.shift = torch.as_tensor(shift, dtype=torch.float32).reshape(-1, 1, 1)
+        self.sample, self.flip, self.latent_shape = sample, flip, latent_shape
+
+    @classmethod
+    def from_cache(cls, root: str | Path, split: str = "train", scale_factor: float | None = None,
+                   shift: float | Sequence[float] | None = None, **stream: Any) -> "LatentShards":
+        """The ``split`` of the cache in ``root`` (``stream``: sample, flip, shuffle, resampled, epoch_length, seed)."""
         manifest = Manifest.read(root)
         entry = manifest.split(split)
         urls = [str(Path(root) / s.name) for s in entry.shards if s.count > 0]
         if not urls:
             raise ValueError(f"{root}: split {split!r} has no non-empty shards")
-        super().__init__(urls, shuffle, resampled, epoch_length, seed, total=entry.total)
-        if scale_factor is None or shift is None:
-            norm = manifest.normalisation(split)
-            scale_factor = norm.scale_factor if scale_factor is None else scale_factor
-            shift = norm.shift if shift is None else shift
-        self.scale_factor = float(scale_factor)
-        self.shift = torch.as_tensor(shift, dtype=torch.float32).reshape(-1, 1, 1)
-        self.sample, self.flip, self.latent_shape = sample, flip, entry.latent_shape
+        norm = manifest.normalisation(split)
+        return cls(urls, norm.scale_factor if scale_factor is None else scale_factor,
+                   norm.shift if shift is None else shift, entry.latent_shape, entry.total, **stream)
+
+    from_params = from_cache  # what instantiate_from_config calls with a config's params
 
     def sample_fields(self) -> frozenset[str]:
         """The keys a sample has: ``cls`` / ``txt`` where the cached source had labels / captions (the first sample

@@ -1,4 +1,5 @@
-"""Measurement helpers for ``scripts/benchmark.py``: interleaved timing, memory, machine description.
+"""Measurement helpers of the benchmark suites (``ldm.tools.bench``) and the comparison: interleaved timing,
+memory, machine description.
 
 Model-agnostic on purpose (``ldm`` never imports ``autoencoder``): the script builds the models and hands
 callables to these functions.

@@ -32,17 +32,10 @@ class IndexedSource(Dataset):
         return Path(root) / files[i] if root is not None and files is not None else None
 
     def _reason(self, i: int) -> str:
-        # The dataset returned None and logged why; re-open the file once to record the reason too.
-        path = self._source(i)
-        if path is None:
-            return "dataset returned no sample"
-        try:
-            from ldm.data.transforms import open_image, to_rgb_tensor
-
-            to_rgb_tensor(open_image(path, getattr(self.dataset, "min_size", 1)))
-        except Exception as e:  # noqa: BLE001 - any failure is the reason we report
-            return f"{type(e).__name__}: {e}"
-        return "dataset returned no sample"
+        """Why the dataset returned None for item ``i``: its own ``error(i)`` where it keeps one (the image
+        datasets do, in the process that read the file), else a generic reason."""
+        error = getattr(self.dataset, "error", None)
+        return (error(i) if error is not None else None) or "dataset returned no sample"
 
     def __getitem__(self, j: int) -> dict:
         i = self.indices[j]

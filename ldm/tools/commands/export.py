@@ -1,0 +1,39 @@
+"""Export a trained model for release: ``.safetensors`` (EMA weights by default) + a config sidecar ``.yaml``.
+
+    python scripts/export.py logs/<stage-1 run> --out release/litevae_b   # -> litevae_b.safetensors + .yaml
+    python scripts/cache_latents.py --ae release/litevae_b.safetensors ...  # every --ae accepts the export
+    python scripts/export.py logs/<stage-2 run> --out release/ldm_ffhq    # the EMA UNet + normalisation
+    python scripts/sample.py release/ldm_ffhq.safetensors --first-stage release/litevae_b.safetensors ...
+
+The stage is read from the run's config. Loading is strict and needs no pickle (``safetensors``). Stage 1:
+the sidecar holds the autoencoder's ``{target, params}``. Stage 2: the run's config, without EMA and cache, and
+the first stage's identity (also in the .safetensors metadata), which sample.py checks --first-stage against.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from omegaconf import OmegaConf
+
+from ldm.checkpoints import export_diffusion, export_first_stage, resolve_source
+from ldm.tools.args import add_out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/export.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="stage-1 or stage-2 run folder, or a .ckpt inside one")
+    add_out(p, "output path without suffix (writes .safetensors and .yaml)", required=True)
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA copy")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    target = str(OmegaConf.load(resolve_source(args.source)[0]).model.get("target", ""))
+    export = export_diffusion if target.endswith("LatentDiffusion") else export_first_stage
+    weights, sidecar = export(args.source, args.out, use_ema=not args.no_ema)
+    print(f"wrote {weights} and {sidecar}")
+    return 0
