@@ -12,7 +12,8 @@ from .samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
 from .schedules import SCHEDULES, NoiseSchedule, make_schedule, spaced_timesteps
 
 __all__ = [
-    "DDPM", "DDPM_SAMPLERS", "OBJECTIVES", "FlowMatching", "make_objective", "FLOW_SAMPLERS", "FLOW_TIME_SCALE", "KINDS", "SCHEDULES", "TIME_DISTRIBUTIONS", "NoiseSchedule", "TimeSampler",
+    "DDPM", "DDPM_SAMPLERS", "OBJECTIVES", "FlowMatching", "make_objective",
+    "FLOW_SAMPLERS", "FLOW_TIME_SCALE", "KINDS", "SCHEDULES", "TIME_DISTRIBUTIONS", "NoiseSchedule", "TimeSampler",
     "cfg_model", "diffusion_loss", "flow_interpolate", "flow_loss", "flow_network_time", "flow_predict_x0_and_eps",
     "flow_target", "flow_time_grid", "make_schedule", "min_snr_weight", "predict_x0_and_eps", "q_sample",
     "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_flow", "shift_time", "spaced_timesteps", "target",

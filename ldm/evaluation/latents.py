@@ -21,7 +21,8 @@ def read_latent_sample(cache_dir: str | Path, split: str = "train", n: int | Non
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and stds (float32, (N, C, h, w)) of up to ``n`` cached samples, unflipped, read from
     the split's shards in a seeded random order (so a sample spans shards without reading them all)."""
-    reader = LatentShards.from_cache(str(cache_dir), split, sample=False, flip=False, scale_factor=1.0, shift=0.0, seed=seed)
+    reader = LatentShards.from_cache(str(cache_dir), split, sample=False, flip=False, scale_factor=1.0, shift=0.0,
+                                     seed=seed)
     moments = list(itertools.islice((reader.moments(raw) for raw in reader.samples()), n))
     if len(moments) < 2:
         raise ValueError(f"{cache_dir}: split {split!r} has fewer than 2 latents")

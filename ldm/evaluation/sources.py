@@ -204,8 +204,8 @@ def data_loader(config: Mapping, batch_size: int, num_workers: int = 0, max_samp
     dataset = instantiate_from_config(config, where="data")
     if max_samples is not None and hasattr(dataset, "__len__"):
         dataset = Subset(dataset, range(min(max_samples, len(dataset))))
-    return DataLoader(dataset, batch_size=batch_size, num_workers=fit_workers(num_workers, "--workers"), shuffle=shuffle,
-                      collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed))
+    return DataLoader(dataset, batch_size=batch_size, num_workers=fit_workers(num_workers, "--workers"),
+                      shuffle=shuffle, collate_fn=collate_skip_bad, generator=torch.Generator().manual_seed(seed))
 
 
 def _skip_none(loader: Iterable) -> Iterator:

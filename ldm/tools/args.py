@@ -8,9 +8,12 @@ unwritable ``--out`` fails in a second rather than after an hour of sampling.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from ldm.io import write_json_atomic, write_text_atomic
 
 
 def _ranged(kind: type, low: float, strict: bool) -> Callable[[str], float]:
@@ -67,7 +70,8 @@ def add_detector(p: argparse.ArgumentParser) -> None:
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ... (a torchrun rank uses cuda:LOCAL_RANK)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:1 ... (a torchrun rank uses cuda:LOCAL_RANK)")
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: int, what: str = "images per batch (per process)") -> None:
@@ -82,3 +86,41 @@ def add_workers(p: argparse.ArgumentParser, default: int) -> None:
 def add_out(p: argparse.ArgumentParser, what: str = "results JSON (a markdown table is written next to it, .md)",
             required: bool = False) -> None:
     p.add_argument("--out", required=required, help=what)
+
+
+# ------------------------------------------------------------------------------------ what every command does
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: int = logging.INFO, format: str = LOG_FORMAT) -> None:
+    logging.basicConfig(level=level, format=format)
+
+
+def finish(out: str | os.PathLike | None, report: dict, table: str) -> dict:
+    """Print ``table``, write the result files when ``out`` is given (``write_result``); returns ``report``."""
+    print(table)
+    if out:
+        write_result(out, report, table)
+    return report
+
+
+def write_result(out: str | os.PathLike, report: dict, table: str) -> None:
+    """A command's results: ``out`` (JSON, ``report``) and the markdown ``table`` next to it (``.md``), headed by the
+    report's ``command`` when it has one; both written atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, report, indent=1, default=str)
+    head = f"`{' '.join(report['command'])}`\n\n" if report.get("command") else ""
+    write_text_atomic(out.with_suffix(".md"), head + table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Any]:
+    """What an evaluation command does first: parse, log, check ``--out`` (before any work), choose ``--device``."""
+    from ldm.util import pick_device
+
+    args = parser.parse_args(argv)
+    setup_logging()
+    if getattr(args, "out", None):
+        check_output_file(args.out, "--out")
+    return args, pick_device(args.device)

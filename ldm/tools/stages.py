@@ -42,7 +42,8 @@ class Stage:
             value, name = getattr(self, f.name), f.metadata.get("flag")
             if value is None or value is False or (isinstance(value, (list, tuple)) and not value and name):
                 continue
-            values = [str(v) for v in value] if isinstance(value, (list, tuple)) else [] if value is True else [str(value)]
+            values = ([str(v) for v in value] if isinstance(value, (list, tuple))
+                      else [] if value is True else [str(value)])
             out += ([name] if name else []) + values
         return out
 

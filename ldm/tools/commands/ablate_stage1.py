@@ -12,12 +12,11 @@ the first variant with Welch's t-test, and validation curves. Re-running the sam
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 
 from ldm.tools.ablation import AblationOptions, run_ablation
-from ldm.tools.args import add_detector, check_output_dir, positive_int
+from ldm.tools.args import setup_logging, add_detector, check_output_dir, positive_int
 
 
 DEFAULT_PLAN = "configs/ablations/photos_stage1.yaml"
@@ -41,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     check_output_dir(a.out, "--out")
     opts = AblationOptions(plan=a.plan, out_dir=a.out, repeats=a.repeats, steps=a.steps, detector=a.detector,
                            eval_samples=a.eval_samples, only=a.only, jobs=a.jobs)

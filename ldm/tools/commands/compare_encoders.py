@@ -26,11 +26,10 @@ interrupted training run continues from its last.ckpt).
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 
-from ldm.tools.args import add_detector, check_output_dir, positive_float, positive_int
+from ldm.tools.args import setup_logging, add_detector, check_output_dir, positive_float, positive_int
 from ldm.tools.compare import EQUAL_SIZE_ARM, PAPER_RATIO_ARMS, Arm, CompareOptions, run_comparison
 
 
@@ -87,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> CompareOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     opts = parse_args(argv)
     check_output_dir(opts.out_dir, "--out")
     command = shlex.join(["python", "scripts/compare_encoders.py", *(sys.argv[1:] if argv is None else argv)])

@@ -15,13 +15,12 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from ldm.tools.args import (add_batch_size, add_detector, add_device, add_out, add_workers, check_output_file,
-                            positive_int)
+from ldm.tools.args import (add_batch_size, add_detector, add_device, add_out, add_workers, positive_int, finish,
+                            start)
 from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import build_detector, data_loader, evaluate_autoencoder
 from ldm.io import markdown_table
@@ -31,7 +30,6 @@ from ldm.metrics.lpips import build_lpips
 from ldm.precision import PRECISIONS, GuardedAutoencoder
 from ldm.tiling import tiled
 from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
-from ldm.util import pick_device
 
 log = logging.getLogger("eval_autoencoder")
 COLUMNS = ["weights", "resolution", "upsampled_from", "n", "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "rfid"]
@@ -87,11 +85,7 @@ def load_models(args: argparse.Namespace, device: torch.device) -> list[tuple[st
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.out:
-        check_output_file(args.out, "--out")
-    device = pick_device(args.device)
+    args, device = start(build_parser(), argv)
     try:  # everything that needs a file comes first, so a missing one fails before any compute
         detector = None if args.no_fid else build_detector(args.detector, device)
         lpips = None if args.no_lpips else build_lpips(args.lpips_weights,
@@ -135,11 +129,4 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(rows, [c for c in columns if any(c in r for r in rows)])
     warnings = dict.fromkeys(r["sample_size_warning"] for r in rows if "sample_size_warning" in r)
     table += "".join(f"\n\nwarning: {w}" for w in warnings)
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(f"`{' '.join(report['command'])}`\n\n{table}")
-        print(f"wrote {out} and {out.with_suffix('.md')}")
-    return report
+    return finish(args.out, report, table)

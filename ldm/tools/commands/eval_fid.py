@@ -19,7 +19,6 @@ With --detector random the distances are written as random_feature_distance / ra
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,10 +26,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ldm.tools.args import (add_batch_size, add_detector, add_device, add_out, add_workers, check_output_file,
-                            positive_int)
+from ldm.tools.args import (add_batch_size, add_detector, add_device, add_out, add_workers, positive_int, finish,
+                            start)
 from ldm.data.configs import dataset_config, deterministic
-from ldm.util import pick_device
 from ldm.evaluation import (ImageSource, build_detector, evaluate_samples, reference_classifier, reference_stats,
                             source_accuracy)
 from ldm.io import markdown_table
@@ -105,11 +103,7 @@ def prepare(args: argparse.Namespace, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.out:
-        check_output_file(args.out, "--out")
-    device = pick_device(args.device)
+    args, device = start(build_parser(), argv)
     try:
         detector, samples, ref, cls_cfg = prepare(args, device)
         if not detector.comparable:
@@ -132,11 +126,4 @@ def main(argv: list[str] | None = None) -> dict:
     row = {"samples": Path(args.samples).name, "ref": Path(args.ref).name, "detector": detector.kind,
            **detector.named(result)}
     table = markdown_table([row]) + (f"\n\nwarning: {warning}" if warning else "")
-    print(table)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1, default=str))
-        out.with_suffix(".md").write_text(f"`{' '.join(report['command'])}`\n\n{table}")
-        print(f"wrote {out} and {out.with_suffix('.md')}")
-    return report
+    return finish(args.out, report, table)

@@ -10,10 +10,8 @@ encoders with each other on the same n and σ; the paper's absolute numbers are 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 
-from ldm.tools.args import add_out, check_output_file, positive_float, positive_int
+from ldm.tools.args import setup_logging, finish, add_out, check_output_file, positive_float, positive_int
 from ldm.evaluation import latent_diagnostics
 from ldm.io import markdown_table
 from ldm.metrics.mmd import DEFAULT_BANDWIDTHS
@@ -57,16 +55,10 @@ def tables(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = check_output_file(args.out, "--out") if args.out else None  # before the latents are read
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         report = latent_diagnostics(args.cache, args.split, args.n, args.bandwidths, args.repeats, args.seed,
                                     args.use_mean, args.normalize)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    text = tables(report)
-    print(text)
-    if out is not None:
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(text)
-        print(f"wrote {out} and {out.with_suffix('.md')}")
-    return report
+    return finish(out, report, tables(report))

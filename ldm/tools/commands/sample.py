@@ -26,7 +26,7 @@ from ldm.checkpoints import load_diffusion
 from ldm.diffusion.objectives import DDPM_SAMPLERS, FLOW_SAMPLERS
 from ldm.precision import PRECISIONS
 from ldm.sampling import generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs, write_pngs
-from ldm.tools.args import (add_batch_size, add_device, add_out, check_output_dir, non_negative_float,
+from ldm.tools.args import (setup_logging, add_batch_size, add_device, add_out, check_output_dir, non_negative_float,
                             non_negative_int, positive_int)
 from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import join_torchrun_group, pick_device
@@ -82,7 +82,7 @@ def default_out(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     rank, world, local_rank = join_torchrun_group()  # images travel between ranks as PNG files
     device = pick_device(args.device, local_rank)
