@@ -45,9 +45,11 @@ class LiteVAEUNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: int, ch_mult: Sequence[int],
-                 num_res_blocks: int = 2, dropout: float = 0.0, norm_groups: int = 32):
+                 num_res_blocks: int = 2, dropout: float = 0.0, norm_groups: int = 32,
+                 min_group_channels: int = 1):
         super().__init__()
-        block = partial(ResnetBlock, dropout=dropout, norm_groups=norm_groups)
+        block = partial(ResnetBlock, dropout=dropout, norm_groups=norm_groups,
+                        min_group_channels=min_group_channels)
         self.in_layer = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_widths, width = [channels], channels
@@ -101,6 +103,10 @@ class LiteVAEEncoder(nn.Module):
     params for RGB; a stride-4 3×3 kernel skips one row/column in four, kept only as the option the
     paper's "41.425M" hints at, spec §1.3).
 
+    ``norm_groups`` / ``min_group_channels``: GroupNorm's group count in every UNet block, and the rule for
+    narrow layers: at least this many channels per group (1: off, the paper's configs; see
+    ``autoencoder.blocks.group_count``).
+
     ``wavelet`` / ``wavelet_mode``: the fixed front end (``autoencoder.wavelets.dwt_pyramid``); the mode is
     ignored by Haar, whose coefficients are the same in every mode. No parameters depend on either.
     """
@@ -108,7 +114,7 @@ class LiteVAEEncoder(nn.Module):
     def __init__(self, z_channels: int = 4, size: str | None = "B", in_channels: int = 3,
                  extractor_channels: int | None = None, extractor_mult: Sequence[int] | None = None,
                  aggregator_channels: int | None = None, aggregator_mult: Sequence[int] | None = None,
-                 num_res_blocks: int = 2, dropout: float = 0.0, norm_groups: int = 32,
+                 num_res_blocks: int = 2, dropout: float = 0.0, norm_groups: int = 32, min_group_channels: int = 1,
                  downsample: str = "avgpool", activation_checkpointing: bool = False,
                  wavelet: str = "haar", wavelet_mode: str = "symmetric"):
         super().__init__()
@@ -123,7 +129,8 @@ class LiteVAEEncoder(nn.Module):
             raise ValueError(f"downsample must be 'avgpool' or 'conv', got {downsample!r}")
         self.z_channels, self.in_channels, self.downsample = z_channels, in_channels, downsample
         band_channels = 4 * in_channels  # LL, H, V, D per input channel
-        unet = dict(num_res_blocks=num_res_blocks, dropout=dropout, norm_groups=norm_groups)
+        unet = dict(num_res_blocks=num_res_blocks, dropout=dropout, norm_groups=norm_groups,
+                    min_group_channels=min_group_channels)
         # Three separate networks: sharing saves parameters but no compute (Table 19).
         self.extractors = nn.ModuleList(
             LiteVAEUNet(band_channels, band_channels, widths["extractor_channels"], widths["extractor_mult"], **unet)
