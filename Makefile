@@ -7,13 +7,15 @@ PHOTOS := /usr/share/games/endless-sky/images/land
 # Two CPU cores are the reference machine: keep BLAS/OpenMP from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup data data-fmnist data-photos test test-fast demo compare compare-dit bench gpu-extras clean help
+.PHONY: setup data data-fmnist data-photos test test-fast demo compare compare-full scale-study compare-dit bench gpu-extras clean help
 
 help:
 	@echo "make setup   create .venv with pinned packages"
 	@echo "make test    run the test suite (CPU)"
 	@echo "make demo    the whole pipeline on Fashion-MNIST 64x64 (CPU, <25 min)"
 	@echo "make compare LiteVAE vs SD-VAE: cost, reconstruction (Fashion-MNIST, photos), downstream LDM (CPU, <60 min)"
+	@echo "make compare-full the settled version: + LiteVAE-S widths, 1200/1500 steps, 3 repeats (CPU, hours: README)"
+	@echo "make scale-study  stage-1 photo study at compare-full's budget, 3 repeats (reuses its photo runs)"
 	@echo "make compare-dit  the same comparison with a DiT + flow-matching downstream model (reuses make compare's stage 1)"
 	@echo "make bench   all benchmark suites, quick CPU version"
 
@@ -60,6 +62,17 @@ demo: setup data-fmnist
 compare: setup data
 	$(PY) scripts/compare_encoders.py
 
+# The budget where the ranking settles (README: "Does LiteVAE keep its promise"); the scale study trains the plan's
+# variants that the comparison lacks and reuses its arms' photo runs (same keys, steps and seeds).
+FULL_OUT := outputs/compare_full
+compare-full: setup data
+	$(PY) scripts/compare_encoders.py --arms litevae lite_s sd_vae --ae-steps 1200 --ldm-steps 1500 --repeats 3 \
+	  --out $(FULL_OUT)
+
+scale-study: setup data
+	$(PY) scripts/ablate_stage1.py --steps 1200 --repeats 3 --only litevae lite_s sd_vae sd_5x_noquant \
+	  --out $(FULL_OUT)
+
 compare-dit: setup data
 	$(PY) scripts/compare_encoders.py --ldm-config configs/ldm/fmnist_dit_flow_tiny.yaml
 
@@ -70,4 +83,4 @@ gpu-extras: setup
 	$(PY) -m pip install -r requirements-gpu.txt
 
 clean:
-	rm -rf logs/demo logs/*_demo_* latents/*demo_litevae* samples/*demo_ldm* outputs/compare_fmnist .pytest_cache
+	rm -rf logs/demo logs/*_demo_* latents/*demo_litevae* samples/*demo_ldm* outputs/compare_fmnist $(FULL_OUT) .pytest_cache

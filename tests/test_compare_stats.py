@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ldm.tools.compare_stats import Spread, spread, welch
+from ldm.tools.compare_stats import Spread, Welch, convergence, detectable_difference, spread, welch
 
 
 def direct_welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -42,3 +42,42 @@ def test_missing_values_and_degenerate_cases():
     assert math.isnan(welch(spread([1.0]), spread([2.0, 3.0])).p)  # one repeat: no test
     assert math.isnan(welch(spread([1.0, 1.0]), spread([2.0, 2.0])).p)  # no spread at all: undefined
     assert spread([25.0, 25.2]).format("{:.2f}") == "25.10 ± 0.14"
+
+
+def exact_power(difference: float, std: float, n: int) -> float:
+    """Power of the two-sided equal-n two-sample t-test at p < 0.05: the noncentral t distribution's mass beyond
+    the critical values (the textbook power function)."""
+    df, nc = 2 * n - 2, difference / (std * math.sqrt(2 / n))
+    crit = stats.t.ppf(0.975, df)
+    return stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc)
+
+
+@pytest.mark.parametrize("n", [3, 5, 20])
+def test_the_detectable_difference_has_the_stated_power(n):
+    a = spread(list(np.linspace(-1, 1, n)))
+    b = spread(list(np.linspace(-1, 1, n) + 7.0))
+    d = detectable_difference(a, b)
+    # the approximation (t_crit + t_power) is within a few points of the exact power, and tends to the normal one
+    assert exact_power(d, a.std, n) == pytest.approx(0.8, abs=0.03)
+    if n == 20:
+        assert d == pytest.approx((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * a.std * math.sqrt(2 / n), rel=0.05)
+    assert math.isnan(detectable_difference(spread([1.0]), b))
+
+
+def welch_points(*diffs_and_significance: tuple[int, float, bool]) -> list[tuple[int, Welch]]:
+    return [(step, Welch(d, 0.0, 2.0, 0.01 if sig else 0.5)) for step, d, sig in diffs_and_significance]
+
+
+def test_convergence_settles_only_on_a_steady_sign_and_significance_over_the_last_half():
+    steady = convergence(welch_points((300, -3.0, True), (600, -1.0, True), (900, -1.2, True), (1200, -1.1, True)), 1200)
+    assert steady.settled and [s for s, _ in steady.points] == [600, 900, 1200]  # 300 is in the first half
+    assert "settled" in steady.describe()
+    # significance lost at the end: still moving, heading to zero -> a crossing by the least-squares line
+    moving = convergence(welch_points((600, -2.0, True), (900, -1.5, True), (1200, -1.0, False)), 1200)
+    assert not moving.settled and moving.slope == pytest.approx(1000 * 1.0 / 600)
+    assert moving.crossing == pytest.approx(1800)  # -1.0 at 1200, +1/600 per step -> 0 at 1800
+    assert "still moving" in moving.describe() and "1,800 steps" in moving.describe()
+    # a growing difference never reaches zero; a sign change is moving even if both ends are significant
+    assert convergence(welch_points((600, -1.0, True), (1200, -2.0, True)), 1200).crossing is None
+    assert not convergence(welch_points((600, 1.0, True), (1200, -1.0, True)), 1200).settled
+    assert convergence(welch_points((300, 1.0, True), (1200, 1.0, True)), 1200) is None  # one point in the last half

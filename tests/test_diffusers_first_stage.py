@@ -219,9 +219,11 @@ def test_compare_arm_uses_a_diffusers_folder_as_is(folders, tmp_path):
                           detector="random", repeats=1, photos="configs/data/photos64.yaml", jobs=1)
     report = compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
     scripts = [Path(c[1]).name for c in fake.calls]
-    assert scripts[8:] == ["cache_latents.py", "cache_latents.py", "main.py", "sample.py", "eval_autoencoder.py",
-                           "eval_fid.py", "eval_fid.py"]  # the folder's arm trains no stage 1 (Fashion-MNIST, photos)
-    for cmd in fake.calls[8:13]:
+    # the trained arm: stage 1, 2 caches, stage 2, samples and stage-1 evaluations at 2 points each, photo stage 1
+    # and its 2 evaluations; the folder's arm trains no stage 1 (Fashion-MNIST, photos) and is evaluated once
+    assert scripts[11:] == ["cache_latents.py", "cache_latents.py", "main.py", "sample.py", "sample.py",
+                            "eval_autoencoder.py", *["eval_fid.py"] * 4]
+    for cmd in fake.calls[11:17]:
         if "--ae" in cmd:
             assert cmd[cmd.index("--ae") + 1] == str(folders["kl"])
     assert "(pretrained, used as is)" in report.read_text()

@@ -15,6 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import command_module
 from ldm.tools import compare
 from ldm.tools.compare import Arm, CompareOptions, budget_overrides, repeat_seeds
 from ldm.tools.compare_report import class_grid, side_by_side
@@ -172,7 +173,10 @@ def test_side_by_side_keeps_every_image(tmp_path):
 
 ARMS = [Arm("lite", "LiteVAE", "configs/autoencoder/litevae_tiny.yaml", "configs/ldm/fmnist_litevae_tiny.yaml"),
         Arm("sd", "SD-VAE", "configs/autoencoder/sd_vae_tiny.yaml", "configs/ldm/fmnist_sd_vae_tiny.yaml")]
-CHAIN = ["main.py", "cache_latents.py", "cache_latents.py", "main.py", "sample.py", "eval_autoencoder.py"]
+# Stage 1, caching, stage 2, samples at the two evaluation points of stage 2, and the reconstruction evaluation at
+# the last two of stage 1's four (rFID there; PSNR/SSIM at all four come from the run's own validations).
+CHAIN = ["main.py", "cache_latents.py", "cache_latents.py", "main.py", "sample.py", "sample.py",
+         "eval_autoencoder.py", "eval_autoencoder.py"]
 
 
 def options(tmp_path: Path, **kw) -> CompareOptions:
@@ -186,11 +190,15 @@ def test_compare_runs_both_arms_alike_and_writes_the_report(tmp_path):
     opts = options(tmp_path)
     report = compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
     scripts = [Path(c[1]).name for c in fake.calls]
-    assert scripts == CHAIN * 2 + ["eval_fid.py"] * 2  # sample evaluations last, one at a time
+    assert scripts == CHAIN * 2 + ["eval_fid.py"] * 4  # sample evaluations last, one at a time
     stage1 = [c for c in fake.calls if c[1] == "main.py" and "--base" in c and "autoencoder" in arg(c, "--base")]
-    assert [c[c.index("-t"):] for c in stage1][0][-2:] == ["lightning.trainer.max_steps=20",
-                                                           "model.params.loss.params.disc_start=10"]
-    assert stage1[0][-2:] == stage1[1][-2:]  # same steps and discriminator start for both encoders
+    assert {"lightning.trainer.max_steps=20", "model.params.loss.params.disc_start=10",
+            "lightning.trainer.val_check_interval=5", "lightning.checkpoint.every_n_train_steps=5"} <= set(stage1[0])
+    assert stage1[0][stage1[0].index("-s"):] == stage1[1][stage1[1].index("-s"):]  # the same budget for both
+    evaluated = [arg(c, "--ae") for c in fake.calls if c[1].endswith("eval_autoencoder.py")]
+    assert Path(evaluated[0]).name == "step=0000015.ckpt" and Path(evaluated[1]).name.endswith("_lite_r0_ae")
+    sampled = [c[2] for c in fake.calls if c[1].endswith("sample.py")]
+    assert Path(sampled[0]).name == "step=0000010.ckpt" and Path(sampled[1]).name.endswith("_lite_r0_ldm")
     seeds = {arg(c, "--seeds") for c in fake.calls if c[1].endswith("sample.py")}
     assert seeds == {"0-19"}
     text = report.read_text()
@@ -198,6 +206,7 @@ def test_compare_runs_both_arms_alike_and_writes_the_report(tmp_path):
     assert "| SD-VAE | 2,000 | 0.002 | 25 | 2.0 |" in text
     assert "2.00x the parameters" in text and "2.00x as many images per second" in text
     assert "| LiteVAE | 1 | 25.00 | 0.833 | 3 |" in text  # one repeat: no ± and no test
+    assert "over the last half of the budget: settled" in text and "plots/differences.png" in text
     assert "no test possible" in text
     out = Path(opts.out_dir)
     for png in ("plots/curves.png", "plots/metrics.png", "grids/samples.png", "grids/reconstructions.png"):
@@ -227,7 +236,7 @@ def test_repeats_use_other_seeds_for_every_stage_and_report_the_spread(tmp_path)
     seeds = sorted({arg(c, "--seeds") for c in fake.calls if c[1].endswith("sample.py")})
     assert seeds == ["0-19", "100000-100019"]
     photo_evals = [c for c in fake.calls if c[1].endswith("eval_autoencoder.py") and "photos" in arg(c, "--out")]
-    assert [arg(c, "--data") for c in photo_evals] == ["configs/data/photos64.yaml"] * 4
+    assert [arg(c, "--data") for c in photo_evals] == ["configs/data/photos64.yaml"] * 8  # 2 points each
     text = report.read_text()
     # PSNR of lite: 25.0, 25.2 -> 25.10 ± 0.14; sd: 24.0, 24.6 -> 24.30 ± 0.42 (sample std)
     assert "| LiteVAE | 2 | 25.10 ± 0.14 |" in text and "| SD-VAE | 2 | 24.30 ± 0.42 |" in text
@@ -244,13 +253,12 @@ def test_repeat_seeds_shift_every_seed():
 
 def test_compare_resumes_after_an_interruption(tmp_path):
     opts = options(tmp_path)
-    first = FakeCommands(interrupt_at=10)  # the 10th command: the second arm's stage 2
+    first = FakeCommands(interrupt_at=12)  # the 12th command: the second arm's stage 2
     with pytest.raises(Interrupt):
         compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=first), measure=fake_measure)
     second = FakeCommands()
     compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=second), measure=fake_measure)
-    assert [Path(c[1]).name for c in second.calls] == ["main.py", "sample.py", "eval_autoencoder.py",
-                                                       "eval_fid.py", "eval_fid.py"]
+    assert [Path(c[1]).name for c in second.calls] == ["main.py", *CHAIN[-4:], *["eval_fid.py"] * 4]
     assert "-r" in second.calls[0]  # the interrupted LDM run continues from its checkpoint
     with pytest.raises(ValueError, match="ldm_steps"):
         compare.run_comparison(options(tmp_path, ldm_steps=50),
@@ -270,14 +278,38 @@ def test_ablation_trains_every_variant_with_its_overrides_on_the_plan_data(tmp_p
     for v in variants:
         mine = [c for c in trains if arg(c, "-n").startswith(f"{v.key}_r")]
         assert [arg(c, "-s") for c in mine] == ["0", "1"] and all(set(v.ae_overrides) <= set(c) for c in mine)
-    gn2 = next(v for v in variants if v.key == "lite_tiny_gn2")
-    assert gn2.ae_overrides == ["model.params.autoencoder.params.encoder_config.params.norm_groups=2"]
+    gn8 = next(v for v in variants if v.key == "lite_tiny_gn8")
+    assert gn8.ae_overrides == ["model.params.autoencoder.params.encoder_config.params.norm_groups=8"]
     assert sum(line.startswith("| ") for line in report.splitlines()) == len(variants) + 1
     assert "rec. RFD" in report and "FID" not in report  # random features are never called an FID
     per_repeat = next(line for line in report.splitlines() if line.startswith("Per-repeat PSNR"))
     rows = [part.rsplit(": ", 1) for part in per_repeat.removesuffix(".").split(": ", 1)[1].split("; ")]
     assert [name for name, _ in rows] == [v.label for v in variants]
     assert all(len(values.split(", ")) == 2 for _, values in rows)  # one value per repeat
+
+
+def test_the_ablation_plan_trains_the_comparisons_arms_alike():
+    """The scale study reuses a comparison's photo runs by key: a plan variant keyed like a comparison arm must be
+    that arm (same config, same overrides), or the reused run would be another encoder than the report says."""
+    from ldm.tools.ablation import read_plan
+
+    _, variants = read_plan("configs/ablations/photos_stage1.yaml")
+    shared = [v for v in variants if v.key in compare.KNOWN_ARMS]
+    assert {v.key for v in shared} >= {"litevae", "lite_s", "sd_vae"}
+    for v in shared:
+        arm = compare.KNOWN_ARMS[v.key]
+        assert (v.ae_config, v.ae_overrides) == (arm.ae_config, arm.ae_overrides)
+
+
+def test_arms_are_picked_by_key_and_extended_by_arm():
+    parse = command_module("compare_encoders").parse_args
+    assert [a.key for a in parse([]).arms] == ["litevae", "sd_vae"]
+    assert [a.key for a in parse(["--arms", "litevae", "lite_s", "sd_vae"]).arms] == ["litevae", "lite_s", "sd_vae"]
+    mine = ["--arm", "mine", "Mine", "configs/autoencoder/litevae_tiny.yaml", "configs/ldm/fmnist_litevae_tiny.yaml"]
+    assert [a.key for a in parse(mine).arms] == ["mine"]
+    assert [a.key for a in parse(["--arms", "sd_vae", *mine]).arms] == ["sd_vae", "mine"]
+    with pytest.raises(SystemExit):
+        parse(["--arms", "litevae", "--arm", "litevae", "x", "configs/autoencoder/litevae_tiny.yaml", "y.yaml"])
 
 
 def test_an_ablation_in_a_comparisons_folder_reuses_its_photo_runs_and_keeps_its_report(tmp_path):
@@ -292,10 +324,10 @@ def test_an_ablation_in_a_comparisons_folder_reuses_its_photo_runs_and_keeps_its
     fake = FakeCommands()
     ablation = AblationOptions(plan="configs/ablations/photos_stage1.yaml", out_dir=opts.out_dir, repeats=1,
                                steps=opts.ae_steps, detector=opts.detector, eval_samples=opts.eval_samples, jobs=1,
-                               only=["litevae", "lite_tiny_gn2", "sd_vae"])
+                               only=["litevae", "lite_tiny_gn8", "sd_vae"])
     report = run_ablation(ablation, Pipeline(opts.out_dir, echo=quiet, runner=fake))
-    assert [arg(c, "-n") for c in fake.calls if c[1] == "main.py"] == ["lite_tiny_gn2_r0_photos_ae"]
-    assert report.name == "report_ablation_photos_stage1.md" and "| LiteVAE tiny, norm_groups 2" in report.read_text()
+    assert [arg(c, "-n") for c in fake.calls if c[1] == "main.py"] == ["lite_tiny_gn8_r0_photos_ae"]
+    assert report.name == "report_ablation_photos_stage1.md" and "| LiteVAE tiny, norm_groups 8" in report.read_text()
     assert "(no test: 1 repeat)" in report.read_text() and "nan" not in report.read_text()
     assert {name: (out / name).read_bytes() for name in before} == before
     assert (out / "plots_ablation_photos_stage1" / "curves.png").is_file()
@@ -314,7 +346,7 @@ def test_parallel_chains_run_the_same_commands_and_report(tmp_path):
     def same(cmd: list[str]) -> str:  # the other folder and run-folder time stamps aside
         return re.sub(r"\d{4}-\d\d-\d\dT[\d-]+", "TIME", " ".join(cmd).replace(f"{tmp_path}/j2", f"{tmp_path}/j1"))
     assert sorted(map(same, calls[1])) == sorted(map(same, calls[2]))
-    assert [Path(c[1]).name for c in calls[2][-4:]] == ["eval_fid.py"] * 4
+    assert [Path(c[1]).name for c in calls[2][-8:]] == ["eval_fid.py"] * 8
     table = lambda text: [line for line in text.splitlines() if line.startswith("| LiteVAE | 2 |")]  # noqa: E731
     assert table(reports[1]) == table(reports[2]) and table(reports[1])
 
@@ -327,7 +359,7 @@ def test_a_downstream_variant_reuses_the_folders_stage_1_and_latents(tmp_path):
     variant = options(tmp_path, repeats=2, photos="configs/data/photos64.yaml",
                       ldm_config="configs/ldm/fmnist_dit_flow_tiny.yaml")
     report = compare.run_comparison(variant, Pipeline(opts.out_dir, echo=quiet, runner=fake), measure=fake_measure)
-    assert [Path(c[1]).name for c in fake.calls] == ["main.py", "sample.py"] * 4 + ["eval_fid.py"] * 4
+    assert [Path(c[1]).name for c in fake.calls] == ["main.py", "sample.py", "sample.py"] * 4 + ["eval_fid.py"] * 8
     assert all(arg(c, "--base") == "configs/ldm/fmnist_dit_flow_tiny.yaml" for c in fake.calls if "--base" in c)
     assert report.name == "report_fmnist_dit_flow_tiny.md" and (Path(opts.out_dir) / "report.md").is_file()
     assert (Path(opts.out_dir) / "plots_fmnist_dit_flow_tiny" / "metrics.png").is_file()

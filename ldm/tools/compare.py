@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ldm.tools.compare_report import write_report
-from ldm.tools.pipeline import Pipeline
+from ldm.tools.pipeline import Pipeline, curve
 from ldm.tools.stages import CacheLatents, EvalAutoencoder, EvalSamples, Sample, Train
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,20 @@ PAPER_RATIO_ARMS = [
     Arm("sd_vae", "SD-VAE (5x encoder)", "configs/autoencoder/sd_vae_tiny.yaml",
         "configs/ldm/fmnist_sd_vae_tiny.yaml"),
 ]
+# The paper's other claim (LiteVAE-S: 33x fewer encoder parameters than SD-VAE, within 0.13 dB): the tiny LiteVAE
+# with the S model's relative widths (feature extractor and aggregator 16 channels, multipliers [1, 2, 2]).
+LITE_S_ARM = Arm("lite_s", "LiteVAE-S widths", "configs/autoencoder/litevae_tiny.yaml",
+                 "configs/ldm/fmnist_litevae_tiny.yaml",
+                 [f"model.params.autoencoder.params.encoder_config.params.{key}={value}"
+                  for key, value in (("extractor_channels", 16), ("extractor_mult", "[1,2,2]"),
+                                     ("aggregator_channels", 16), ("aggregator_mult", "[1,2,2]"))])
 # A different question: latent quality at equal encoder cost (an SD-layout encoder of LiteVAE's size).
 EQUAL_SIZE_ARM = Arm("sd_vae_equal", "SD-VAE (equal size)", "configs/autoencoder/sd_vae_tiny.yaml",
                      "configs/ldm/fmnist_sd_vae_tiny.yaml",
                      ["model.params.autoencoder.params.encoder_config.params.ch=16",
                       "model.params.autoencoder.params.encoder_config.params.ch_mult=[1,2,2,4]"])
+# The arms --arms picks by key (the first is the reference of every test).
+KNOWN_ARMS = {arm.key: arm for arm in (*PAPER_RATIO_ARMS, LITE_S_ARM, EQUAL_SIZE_ARM)}
 
 
 @dataclass
@@ -104,6 +113,35 @@ def budget_overrides(steps: int | None, minutes: float | None, disc_start: bool 
     if minutes is not None:
         out.append(f"lightning.trainer.max_time.seconds={round(minutes * 60)}")
     return out
+
+
+# Evaluation points along each run's step budget: a verdict never rests on a single point (the convergence check
+# of compare_report judges the last half of the budget).
+STAGE1_POINTS, STAGE2_POINTS = 4, 2
+
+
+def evaluation_steps(budget: int | None, points: int) -> list[int]:
+    """The steps at which a run of ``budget`` steps is evaluated: the ends of ``points`` equal parts (none for a
+    wall-clock budget, whose step count is not known in advance)."""
+    return [] if budget is None else [budget * k // points for k in range(1, points + 1)]
+
+
+def tracking_overrides(budget: int | None, points: int, eval_samples: int | None = None) -> list[str]:
+    """A checkpoint at every evaluation step; with ``eval_samples`` (stage 1) also a validation there on the
+    evaluation's first images in one batch, so the PSNR/SSIM curves are measured on the evaluated images."""
+    if budget is None:
+        return []
+    every = max(1, budget // points)
+    out = [f"lightning.checkpoint.every_n_train_steps={every}"]
+    if eval_samples:
+        out += [f"lightning.trainer.val_check_interval={every}", "lightning.trainer.check_val_every_n_epoch=null",
+                "lightning.trainer.limit_val_batches=1", f"data.params.val_batch_size={eval_samples}"]
+    return out
+
+
+def checkpoint_at(run: Path, step: int | None, budget: int | None) -> Path:
+    """The run itself (its last.ckpt) at the end of the budget, else its periodic checkpoint of ``step``."""
+    return run if step is None or step == budget else run / "checkpoints" / f"step={step:07d}.ckpt"
 
 
 def threads_per_job(jobs: int) -> int | None:
@@ -148,7 +186,8 @@ def stage1(pipe: Pipeline, arm: Arm, opts: CompareOptions, repeat: int, data: st
     return pipe.train(f"{arm.key}/r{repeat}/{kind}", Train(
         bases=(arm.ae_config, *([data] if data else [])), logdir=Path(opts.out_dir) / "runs",
         name=f"{arm.key}_r{repeat}_{'photos_ae' if data else 'ae'}", seed=repeat,
-        overrides=(*budget_overrides(opts.ae_steps, opts.ae_minutes, disc_start=True), *arm.ae_overrides,
+        overrides=(*budget_overrides(opts.ae_steps, opts.ae_minutes, disc_start=True),
+                   *tracking_overrides(opts.ae_steps, STAGE1_POINTS, opts.eval_samples), *arm.ae_overrides,
                    *opts.ae_overrides)))
 
 
@@ -160,6 +199,19 @@ def eval_autoencoder(pipe: Pipeline, name: str, ae_run: Path, data: str, opts: C
                                        out=out),
                  outputs=lambda _: [out])
     return out
+
+
+def stage1_evaluations(pipe: Pipeline, arm: Arm, opts: CompareOptions, detector: str, repeat: int, run: Path,
+                       data: str, kind: str) -> dict[int, Path]:
+    """``{step: eval JSON}``: the reconstruction metrics (rFID included) at the last two evaluation points of a
+    trained arm, at its end only for a pretrained one (key 0); the end's file keeps the name it always had."""
+    out, name = Path(opts.out_dir) / "eval", f"{arm.key}_r{repeat}_{'photos_' if kind == 'photos' else ''}ae"
+    steps = [None] if arm.pretrained else (evaluation_steps(opts.ae_steps, STAGE1_POINTS)[-2:] or [None])
+    stage = f"{arm.key}/r{repeat}/{'photos_' if kind == 'photos' else ''}eval_ae"
+    return {step or 0: eval_autoencoder(pipe, stage + ("" if step in (None, opts.ae_steps) else f"_step{step}"),
+                                        checkpoint_at(run, step, opts.ae_steps), data, opts, detector,
+                                        out / f"{name}{'' if step in (None, opts.ae_steps) else f'_step{step}'}.json")
+            for step in steps}
 
 
 def arm_stages(pipe: Pipeline, arm: Arm, opts: CompareOptions, detector: str, repeat: int) -> dict[str, Any]:
@@ -175,20 +227,28 @@ def arm_stages(pipe: Pipeline, arm: Arm, opts: CompareOptions, detector: str, re
     ldm_run = pipe.train(f"{tag}/stage2{variant}", Train(
         bases=(opts.ldm_config or arm.ldm_config,), logdir=out / "runs", name=f"{arm.key}_r{repeat}_ldm{variant}",
         seed=repeat, overrides=(f"latents={latents}", *budget_overrides(opts.ldm_steps, opts.ldm_minutes),
-                                *opts.ldm_overrides)))
-    samples = out / "samples" / arm.key / f"r{repeat}{variant}"
-    pipe.command(f"{tag}/sample{variant}",
-                 Sample(source=ldm_run, seeds=repeat_seeds(opts.seeds, repeat), batch_size=opts.sample_batch,
-                        out=samples),
-                 outputs=lambda _: [samples / "samples.npz", samples / "grid.png"])
-    ae_eval = eval_autoencoder(pipe, f"{tag}/eval_ae", ae_run, opts.data, opts, detector,
-                               out / "eval" / f"{arm.key}_r{repeat}_ae.json")
-    paths = {"ae_run": ae_run, "ldm_run": ldm_run, "samples": samples, "ae_eval": ae_eval,
-             "ldm_eval": out / "eval" / f"{arm.key}_r{repeat}_ldm{variant}.json"}
+                                *tracking_overrides(opts.ldm_steps, STAGE2_POINTS), *opts.ldm_overrides)))
+    # Samples (the same seeds) at every evaluation point; the end's folder and file keep their names.
+    ldm_points = {}
+    for step in evaluation_steps(opts.ldm_steps, STAGE2_POINTS) or [None]:
+        end = step in (None, opts.ldm_steps)
+        suffix = "" if end else f"_step{step}"
+        samples = out / "samples" / arm.key / f"r{repeat}{variant}{suffix}"
+        pipe.command(f"{tag}/sample{variant}{suffix}",
+                     Sample(source=checkpoint_at(ldm_run, step, opts.ldm_steps), seeds=repeat_seeds(opts.seeds, repeat),
+                            batch_size=opts.sample_batch, out=samples),
+                     outputs=lambda _, samples=samples: [samples / "samples.npz", samples / "grid.png"])
+        ldm_points[step or 0] = {"samples": samples, "stage": f"{tag}/eval_ldm{variant}{suffix}",
+                                 "eval": out / "eval" / f"{arm.key}_r{repeat}_ldm{variant}{suffix}.json"}
+    ae_evals = stage1_evaluations(pipe, arm, opts, detector, repeat, ae_run, opts.data, "fmnist")
+    final = ldm_points[max(ldm_points)]
+    paths = {"ae_run": ae_run, "ldm_run": ldm_run, "samples": final["samples"], "ae_eval": ae_evals[max(ae_evals)],
+             "ae_evals": ae_evals, "ldm_eval": final["eval"], "ldm_points": ldm_points}
     if opts.photos and not arm.pretrained:
         paths["photo_run"] = stage1(pipe, arm, opts, repeat, data=opts.photos)
-        paths["photo_eval"] = eval_autoencoder(pipe, f"{tag}/photos_eval_ae", paths["photo_run"], opts.photos, opts,
-                                               detector, out / "eval" / f"{arm.key}_r{repeat}_photos_ae.json")
+        paths["photo_evals"] = stage1_evaluations(pipe, arm, opts, detector, repeat, paths["photo_run"], opts.photos,
+                                                  "photos")
+        paths["photo_eval"] = paths["photo_evals"][max(paths["photo_evals"])]
     return paths
 
 
@@ -199,13 +259,14 @@ def eval_samples(pipe: Pipeline, arm: Arm, opts: CompareOptions, detector: str, 
     out = Path(opts.out_dir)
     classifier = {"classifier_data": opts.data, "classifier_cache": out / "eval" / "classifier.pt"} \
         if opts.classifier else {}
-    pipe.command(f"{arm.key}/r{repeat}/eval_ldm{downstream_suffix(opts)}",
-                 EvalSamples(samples=Path(paths["samples"]) / "samples.npz", ref=opts.data, ref_split="validation",
-                             max_ref=opts.max_ref, detector=detector,
-                             ref_stats_cache=out / "eval" / f"ref_{detector}_{opts.max_ref}.npz", kid=True,
-                             kid_subset_size=100, kid_subsets=50, precision_recall=True, out=paths["ldm_eval"],
-                             **classifier),
-                 outputs=lambda _: [paths["ldm_eval"]])
+    for point in paths["ldm_points"].values():
+        pipe.command(point["stage"],
+                     EvalSamples(samples=Path(point["samples"]) / "samples.npz", ref=opts.data, ref_split="validation",
+                                 max_ref=opts.max_ref, detector=detector,
+                                 ref_stats_cache=out / "eval" / f"ref_{detector}_{opts.max_ref}.npz", kid=True,
+                                 kid_subset_size=100, kid_subsets=50, precision_recall=True, out=point["eval"],
+                                 **classifier),
+                     outputs=lambda _, point=point: [point["eval"]])
 
 
 def measure_encoders(ae_runs: Mapping[str, str], batch_size: int = 32, repeats: int = 5,
@@ -261,24 +322,48 @@ def ae_metrics(path: Path) -> dict:
             "rfid": _feature_metric(result, "rfid")}
 
 
-def repeat_record(arm: Arm, paths: Mapping[str, Any], pipe: Pipeline, repeat: int, variant: str = "") -> dict:
-    """Every number of one arm in one repeat: ``{section: {metric: value}, "minutes": {stage: minutes}}``."""
-    ldm = _read_json(paths["ldm_eval"])
+def downstream_metrics(path: Path) -> dict:
+    ldm = _read_json(path)
+    return {"fid": _feature_metric(ldm, "fid"), "kid": _feature_metric(ldm, "kid_mean"),
+            "precision": ldm.get("precision"), "recall": ldm.get("recall"), "accuracy": ldm.get("class_accuracy")}
+
+
+def stage1_curve(run: Path | None, evals: Mapping[int, Path], budget: int | None) -> dict[int, dict]:
+    """``{step: {metric: value}}`` of one stage-1 run: PSNR/SSIM (EMA weights) of its validations at every
+    evaluation point, and every metric of the evaluations (rFID included) at theirs."""
+    points: dict[int, dict] = {}
+    if run is not None and budget:
+        every = max(1, budget // STAGE1_POINTS)
+        for key, name in (("val/psnr_ema", "psnr"), ("val/ssim_ema", "ssim")):
+            for step, value in curve(run, key):  # logged at the step's index: 0-based
+                points.setdefault(round((step + 1) / every) * every, {})[name] = value
+    for step, path in evals.items():
+        points.setdefault(step, {}).update({k: v for k, v in ae_metrics(path).items() if v is not None})
+    return points
+
+
+def repeat_record(arm: Arm, paths: Mapping[str, Any], pipe: Pipeline, repeat: int, variant: str = "",
+                  opts: CompareOptions | None = None) -> dict:
+    """Every number of one arm in one repeat: ``{section: {metric: value}, "curves": {section: {step: {metric:
+    value}}}, "minutes": {stage: minutes}}`` (the sections hold the end of the budget)."""
+    opts = opts or CompareOptions()
     secs = pipe.seconds()
 
     def minutes(*names: str) -> float | None:
         found = [secs[f"{arm.key}/r{repeat}/{n}"] for n in names if f"{arm.key}/r{repeat}/{n}" in secs]
         return sum(found) / 60 if found else None
-    record = {"fmnist": ae_metrics(paths["ae_eval"]),
-              "downstream": {"fid": _feature_metric(ldm, "fid"), "kid": _feature_metric(ldm, "kid_mean"),
-                             "precision": ldm.get("precision"), "recall": ldm.get("recall"),
-                             "accuracy": ldm.get("class_accuracy")},
+    record = {"fmnist": ae_metrics(paths["ae_eval"]), "downstream": downstream_metrics(paths["ldm_eval"]),
+              "curves": {"fmnist": stage1_curve(None if arm.pretrained else paths["ae_run"],
+                                                paths.get("ae_evals", {}), opts.ae_steps),
+                         "downstream": {step: downstream_metrics(p["eval"])
+                                        for step, p in paths.get("ldm_points", {}).items()}},
               "minutes": {"stage 1": minutes("stage1"), "cache": minutes("cache_train", "cache_validation"),
                           "stage 2": minutes(f"stage2{variant}"), "sampling": minutes(f"sample{variant}"),
                           "eval": minutes("eval_ae", f"eval_ldm{variant}"),
                           "photos stage 1": minutes("photos_stage1"), "photos eval": minutes("photos_eval_ae")}}
     if "photo_eval" in paths:
         record["photos"] = ae_metrics(paths["photo_eval"])
+        record["curves"]["photos"] = stage1_curve(paths["photo_run"], paths["photo_evals"], opts.ae_steps)
     record["minutes"] = {k: v for k, v in record["minutes"].items() if v is not None}
     return record
 
@@ -299,8 +384,8 @@ def run_comparison(opts: CompareOptions, pipe: Pipeline | None = None,
         for r, p in enumerate(paths[arm.key]):
             eval_samples(pipe, arm, opts, detector, r, p)
     encoders = pipe.step("encoder_cost", lambda: measure({k: str(reps[0]["ae_run"]) for k, reps in paths.items()}))
-    records = {arm.key: [repeat_record(arm, p, pipe, r, downstream_suffix(opts)) for r, p in enumerate(paths[arm.key])]
-               for arm in opts.arms}
+    records = {arm.key: [repeat_record(arm, p, pipe, r, downstream_suffix(opts), opts)
+                         for r, p in enumerate(paths[arm.key])] for arm in opts.arms}
     settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "arms"}
     arms_text = "; ".join(f"{a.label}: `{a.ae_config}`{' ' + ' '.join(a.ae_overrides) if a.ae_overrides else ''}"
                           f"{' (pretrained, used as is)' * a.pretrained} + `{opts.ldm_config or a.ldm_config}`"

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ldm.io import markdown_table, read_samples_npz
-from ldm.tools.compare_stats import ALPHA, Spread, spread, welch
+from ldm.tools.compare_stats import ALPHA, Convergence, Spread, convergence, detectable_difference, spread, welch
 from ldm.tools.pipeline import curve
 from ldm.util import image_grid
 
@@ -58,6 +58,27 @@ def label(metric: Metric, comparable: bool) -> str:
 def metric_spreads(records: Mapping[str, Sequence[Mapping[str, Any]]], metric: Metric) -> dict[str, Spread]:
     """``{arm key: Spread}`` of one metric over the repeats (``records[arm][repeat][section][key]``)."""
     return {arm: spread([r.get(metric.section, {}).get(metric.key) for r in reps]) for arm, reps in records.items()}
+
+
+def metric_points(reps: Sequence[Mapping[str, Any]], metric: Metric) -> dict[int, Spread]:
+    """``{step: Spread}`` of one arm's metric at each evaluation point (``repeat["curves"][section][step]``)."""
+    curves = [r.get("curves", {}).get(metric.section, {}) for r in reps]
+    steps = sorted({int(s) for c in curves for s, values in c.items() if metric.key in values})
+    return {s: spread([next((v.get(metric.key) for k, v in c.items() if int(k) == s), None) for c in curves])
+            for s in steps}
+
+
+def budget_of(metric: Metric, settings: Mapping[str, Any]) -> int | None:
+    return settings.get("ldm_steps" if metric.section == "downstream" else "ae_steps")
+
+
+def metric_convergence(records: Mapping[str, Sequence[Mapping]], metric: Metric, ref: str, other: str,
+                       settings: Mapping[str, Any]) -> Convergence | None:
+    """How the ``ref`` − ``other`` difference behaves over the last half of the step budget (None: too few points)."""
+    budget = budget_of(metric, settings)
+    a, b = metric_points(records[ref], metric), metric_points(records[other], metric)
+    points = [(s, welch(a[s], b[s])) for s in sorted(set(a) & set(b)) if a[s].n and b[s].n]
+    return convergence(points, budget) if budget else None
 
 
 def present(records: Mapping[str, Sequence[Mapping[str, Any]]], metric: Metric) -> bool:
@@ -121,9 +142,10 @@ def cost_verdict(encoders: Mapping[str, Mapping[str, Any]], ref: str, other: str
 
 
 def metric_verdict(records: Mapping[str, Sequence[Mapping]], metric: Metric, ref: str, other: str,
-                   labels: Mapping[str, str], comparable: bool) -> tuple[str, str] | None:
-    """``(outcome, sentence)``: outcome is "better" / "worse" (the reference arm, significant), "same" or
-    "untested"."""
+                   labels: Mapping[str, str], comparable: bool,
+                   settings: Mapping[str, Any] | None = None) -> tuple[str, str] | None:
+    """``(outcome, sentence)``: outcome is "better" / "worse" (the reference arm, significant), "same", "untested",
+    or "moving" when the difference has not settled over the last half of the budget (``metric_convergence``)."""
     spreads = metric_spreads(records, metric)
     a, b = spreads[ref], spreads[other]
     if not a.n or not b.n:
@@ -136,12 +158,21 @@ def metric_verdict(records: Mapping[str, Sequence[Mapping]], metric: Metric, ref
         key, outcome = "untested", "no test possible"
     else:
         key, outcome = "same", "no difference beyond the run-to-run spread"
-    return key, (f"{label(metric, comparable)} {cell(metric, a)} vs {cell(metric, b)}: {outcome} — "
-                 f"{test.describe()}")
+    detectable = detectable_difference(a, b)
+    text = (f"{label(metric, comparable)} {cell(metric, a)} vs {cell(metric, b)}: {outcome} — {test.describe()}"
+            + ("" if math.isnan(detectable) else f"; detectable at this n: {detectable:.3g}"))
+    settled = metric_convergence(records, metric, ref, other, settings or {})
+    if settled is not None:
+        text += f"; over the last half of the budget: {settled.describe()}"
+        if not settled.settled:
+            key = "moving"
+    elif settings is not None:
+        text += "; one evaluation point only: no convergence check"
+    return key, text
 
 
 def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Mapping], labels: Mapping[str, str],
-            data_name: str, comparable: bool) -> list[str]:
+            data_name: str, comparable: bool, settings: Mapping[str, Any] | None = None) -> list[str]:
     """The report's opening: the paper's claims, point by point, for the first arm against each other arm."""
     ref, *others = list(records)
     lines = ["## Verdict", "",
@@ -149,13 +180,16 @@ def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Map
              f"reconstruction quality at an equal training budget (Table 1), and the same downstream quality "
              f"(Table 7). Here, each against this report's arms. Differences are tested with Welch's t-test at "
              f"p < {ALPHA} over the repeats (mean ± sample std; with few repeats only large, consistent "
-             f"differences can reach significance).", ""]
+             f"differences can reach significance; \"detectable at this n\" is the smallest true difference the "
+             f"test would find with 80 % power). Every metric measured at several points of its run is also judged "
+             f"along the budget: *settled* when the difference keeps its sign and its significance over the last "
+             f"half, *still moving* otherwise, with its trend.", ""]
     for other in others:
         lines += cost_verdict(encoders, ref, other, labels)
-        tally = {"better": 0, "worse": 0, "same": 0, "untested": 0}
+        tally = {"better": 0, "worse": 0, "same": 0, "untested": 0, "moving": 0}
         for section in ("fmnist", "photos", "downstream"):
             found = [v for m in METRICS if m.section == section
-                     if (v := metric_verdict(records, m, ref, other, labels, comparable)) is not None]
+                     if (v := metric_verdict(records, m, ref, other, labels, comparable, settings)) is not None]
             if found:
                 title = SECTION_TITLES[section].format(data=data_name)
                 lines.append(f"- **{title[0].upper() + title[1:]}** ({labels[ref]} vs {labels[other]}): "
@@ -164,8 +198,8 @@ def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Map
                     tally[key] += 1
         lines += ["", f"**In one line:** {labels[ref]} vs {labels[other]}: significantly better on {tally['better']}, "
                       f"significantly worse on {tally['worse']}, not distinguishable on {tally['same']} of the "
-                      f"quality metrics above" + (f" ({tally['untested']} without a test)" if tally["untested"] else "")
-                      + ".", ""]
+                      f"quality metrics above" + (f", still moving on {tally['moving']}" if tally["moving"] else "")
+                      + (f" ({tally['untested']} without a test)" if tally["untested"] else "") + ".", ""]
     if not comparable:
         lines += ["**The feature distances use a random network (`--detector random`): distances between random "
                   "features, comparable within this report only and with no published number.**", ""]
@@ -226,6 +260,35 @@ def plot_bars(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str, str
             ax.scatter([i] * s.n, s.values, color="black", s=8, zorder=3)
         ax.set_xticks(range(len(spreads)), [labels[a] for a in spreads], fontsize=7, rotation=20)
         ax.set_title(f"{label(metric, comparable)}\n{metric.section}", fontsize=9)
+    return _save_figure(fig, path)
+
+
+def plot_differences(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str, str], comparable: bool,
+                     path: str | Path) -> Path | None:
+    """One subplot per metric measured at several points: the first arm minus each other arm against training
+    steps, the mean over repeats with ± one standard error of the difference (Welch's), and the zero line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref, *others = list(records)
+    metrics = [m for m in METRICS if len(metric_points(records[ref], m)) >= 2]
+    if not metrics or not others:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.8 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        a = metric_points(records[ref], metric)
+        for i, other in enumerate(others, start=1):
+            b = metric_points(records[other], metric)
+            steps = [s for s in sorted(set(a) & set(b)) if a[s].n and b[s].n]
+            diffs = [a[s].mean - b[s].mean for s in steps]
+            errors = [math.sqrt((a[s].std ** 2 / a[s].n if a[s].n > 1 else 0) + (b[s].std ** 2 / b[s].n if b[s].n > 1
+                                                                                  else 0)) for s in steps]
+            ax.errorbar(steps, diffs, yerr=errors, color=f"C{i}", marker="o", capsize=3, label=f"− {labels[other]}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{label(metric, comparable)} ({metric.section})\n{labels[ref]} minus", fontsize=8)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6)
     return _save_figure(fig, path)
 
 
@@ -324,7 +387,9 @@ def write_report(out: Path, records: Mapping[str, Sequence[Mapping]], encoders: 
     data_name = Path(str(settings.get("data", "data"))).stem
     runs = {labels[k]: reps for k, reps in paths.items()}
     figures = [plot_curves(runs, CURVE_PANELS, out / f"plots{tag}" / "curves.png"),
-               plot_bars(records, labels, comparable, out / f"plots{tag}" / "metrics.png")]
+               plot_bars(records, labels, comparable, out / f"plots{tag}" / "metrics.png"),
+               plot_differences(records, labels, comparable, out / f"plots{tag}" / "differences.png")]
+    figures = [f for f in figures if f is not None]
     grids = make_grids({k: reps[0] for k, reps in paths.items()}, labels, out / f"grids{tag}")
     features = ("Feature distances use the Inception network "
                 f"(`{detector}`)." if comparable else
@@ -332,7 +397,7 @@ def write_report(out: Path, records: Mapping[str, Sequence[Mapping]], encoders: 
                 "distances of random features, comparable within this report only and with no published number.**")
     lines = [f"# Encoder comparison: {' vs '.join(labels.values())}", "",
              f"Command: `{command or 'python scripts/compare_encoders.py'}`", "",
-             *verdict(records, encoders, labels, data_name, comparable),
+             *verdict(records, encoders, labels, data_name, comparable, settings),
              "## Encoder cost", "", cost_table(encoders, labels)]
     for section in ("fmnist", "photos", "downstream"):
         table = section_table(records, labels, section, comparable)

@@ -1,7 +1,9 @@
 """Downstream comparison of encoders: LiteVAE vs the SD-VAE baseline, end to end, in one command.
 
   python scripts/compare_encoders.py                                   # make compare: paper-ratio arms, 2 repeats
-  python scripts/compare_encoders.py --equal-size-arm --out outputs/cmp_equal   # + an SD encoder of LiteVAE's size
+  python scripts/compare_encoders.py --arms litevae lite_s sd_vae --ae-steps 1200 --ldm-steps 1500 --repeats 3 \
+      --out outputs/compare_full                                       # make compare-full
+  python scripts/compare_encoders.py --arms litevae sd_vae sd_vae_equal --out outputs/cmp_equal  # + equal-size SD
   python scripts/compare_encoders.py --repeats 4 --no-photos --out outputs/cmp_r4
   python scripts/compare_encoders.py --ae-steps 2000 --ldm-steps 5000 --out outputs/cmp_long
   python scripts/compare_encoders.py --ae-minutes 20 --ldm-minutes 30  # wall-clock budget per training run
@@ -13,7 +15,8 @@
       --arm sd_ft_mse SD-VAE-ft-MSE ~/vae/sd-vae-ft-mse configs/ldm/fmnist_sd_vae_tiny.yaml  # diffusers folder
 
 Default arms: the tiny LiteVAE and an SD-layout encoder (ch_mult [1,2,4,4]) with ~5x its parameters, the
-paper's SD-VAE : LiteVAE-B ratio. For every arm and repeat (repeat r: training seed r, sample seeds + r*100000):
+paper's SD-VAE : LiteVAE-B ratio; --arms picks others by key (lite_s: the tiny LiteVAE at the S model's widths;
+sd_vae_equal: an SD-layout encoder of the tiny LiteVAE's size). For every arm and repeat (repeat r: training seed r, sample seeds + r*100000):
 stage 1 (same decoder, loss and steps; skipped for a pretrained first stage, used as is: a diffusers folder
 (pip install diffusers), a stage-1 run folder, .ckpt or .safetensors) -> cache_latents.py (train + validation
 split of --data) -> stage 2 (same LDM config and steps) -> sample.py (same seeds) -> eval_autoencoder.py and
@@ -30,7 +33,7 @@ import shlex
 import sys
 
 from ldm.tools.args import setup_logging, add_detector, check_output_dir, positive_float, positive_int
-from ldm.tools.compare import EQUAL_SIZE_ARM, PAPER_RATIO_ARMS, Arm, CompareOptions, run_comparison
+from ldm.tools.compare import KNOWN_ARMS, Arm, CompareOptions, run_comparison
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tiny LiteVAE and the 5x SD-VAE encoder). AE: a "
                         "stage-1 config to train, or a pretrained first stage used as is (diffusers folder, "
                         "stage-1 run folder, .ckpt, .safetensors)")
-    p.add_argument("--equal-size-arm", action="store_true",
-                   help="add an SD-layout encoder of the tiny LiteVAE's size (latent quality at equal encoder cost)")
+    p.add_argument("--arms", nargs="+", choices=list(KNOWN_ARMS),
+                   help="built-in arms by key, before any --arm (the first is the reference; default without --arm: "
+                        + " ".join(a.key for a in d.arms) + ")")
     p.add_argument("--repeats", type=positive_int, default=d.repeats,
                    help="independent repeats of every stage (other training and sample seeds each)")
     p.add_argument("--photos", default=d.photos, help="data config of natural photos for a second stage-1 run "
@@ -73,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> CompareOptions:
     a = build_parser().parse_args(argv)
-    arms = [Arm(*spec) for spec in a.arm] if a.arm else list(PAPER_RATIO_ARMS)
-    if a.equal_size_arm:
-        arms.append(EQUAL_SIZE_ARM)
+    builtin = a.arms or ([] if a.arm else [arm.key for arm in CompareOptions().arms])
+    arms = [KNOWN_ARMS[key] for key in builtin] + [Arm(*spec) for spec in a.arm or []]
+    if len({arm.key for arm in arms}) < len(arms):
+        raise SystemExit(f"error: arm keys must differ: {[arm.key for arm in arms]}")
     return CompareOptions(out_dir=a.out, data=a.data, photos=None if a.no_photos else a.photos, arms=arms,
                           repeats=a.repeats, ldm_config=a.ldm_config, ae_steps=a.ae_steps,
                           ae_minutes=a.ae_minutes,
