@@ -87,3 +87,13 @@ def test_train_speed_suite_rows():
     assert by_name["stage 1, fp32, NCHW"]["gflop_per_step"] == pytest.approx(
         by_name["stage 1, fp32, channels_last"]["gflop_per_step"], rel=0.01)
     assert all(r["s_per_step"] > 0 and 0 < r["fraction_of_reference"] for r in rows)
+
+
+def test_out_is_checked_before_timing(tmp_path, monkeypatch):
+    """A new folder in --out is made; a folder given as --out stops the run before any suite is timed."""
+    out = tmp_path / "new" / "roofline.json"  # old code: FileNotFoundError after the suite had run
+    assert benchmark.main(["--suite", "roofline", "--resolution", "32", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]
+    monkeypatch.setitem(benchmark.EXTRA_SUITES, "roofline", lambda *a, **k: pytest.fail("ran before checking --out"))
+    with pytest.raises(SystemExit, match="is a folder"):
+        benchmark.main(["--suite", "roofline", "--resolution", "32", "--out", str(tmp_path)])

@@ -6,12 +6,15 @@
     python scripts/benchmark.py --suite tiling --quick         # tiled vs whole encoding, 1024x1024
     python scripts/benchmark.py --suite roofline               # FLOPs, minimum bytes, H200 bound (CPU counts)
     python scripts/benchmark.py --suite profile --device cuda  # per-kernel tables, training fwd+bwd
+    python scripts/benchmark.py --suite train                  # training steps: layouts, precisions, GFLOP/s
 
 Suites: encoder (forward throughput), memory (inference peak in a fresh process; bytes saved for backward;
 CUDA training peak), dwt (fast Haar vs ptwt.wavedec2), cache (latent caching vs bare encoder forward),
 train-ae (full autoencoder training step, same decoder and loss), train-ldm (diffusion step on cached
 latents vs live encoding); by name only: tiling (LiteVAE-B encoding at 1024x1024, 512-px tiles vs whole),
-roofline (docs/benchmarks.md), profile. On CUDA in eager mode the encoder, train-ae and profile suites also run
+roofline (docs/benchmarks.md), profile, train (whole Lightning training steps of the tiny stage-1 and stage-2
+configs in the layouts and precisions that matter on CPU, GFLOP/s against the encoder's inference rate), and
+step-profile (the same steps split into parts, networks and ops: docs/benchmarks.md). On CUDA in eager mode the encoder, train-ae and profile suites also run
 LiteVAE-B and SD-VAE with the fused GroupNorm+SiLU kernel (``... fused`` rows, ``_fused`` ratio keys);
 ``--compile`` runs add ``_compiled`` to the ratio keys. Each ratio is printed next to its target.
 Timings interleave the candidates round-robin so that other load on the machine slows all of them alike;
@@ -21,15 +24,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from ldm.tools.bench import cache, dwt, encoder, memory, profile, roofline, tiling, train
 from ldm.tools.bench.common import GPU_TARGETS, TARGETS, check_targets
+from ldm.io import write_json_atomic
+from ldm.tools.args import check_output_file
 from ldm.tools.bench.measure import format_table, machine_info
 
 # Memory first: its fresh-process RSS probe measured 122/266 MiB (LiteVAE-B/SD-VAE) when the parent had run
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out:  # a bad --out fails now, not after minutes of timing
+        check_output_file(args.out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     # Every suite runs fixed shapes, so let cuDNN pick its fastest kernels (during the warm-up calls).
@@ -98,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nratios (targets are the {'GPU' if cuda else 'CPU'} targets of the performance issue):")
     print("\n".join(check_targets(ratios, GPU_TARGETS if cuda else TARGETS)))
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": info, "args": vars(args), "suite_seconds": seconds,
-                                              "results": rows, "ratios": ratios}, indent=2, default=str))
+        write_json_atomic(args.out, {"machine": info, "args": vars(args), "suite_seconds": seconds,
+                                     "results": rows, "ratios": ratios}, indent=2, default=str)
     return 0
 
 
