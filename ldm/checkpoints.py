@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.artifacts import DIFFUSION_MODELS, FIRST_STAGES, Kind, export_metadata, require
 from ldm.cache.manifest import read_latent_stats
 from ldm.first_stage import DIFFUSERS_TARGET, diffusers_folder, load_diffusers_first_stage
 from ldm.util import (ConfigError, get_obj_from_str, instantiate_from_config, load_state_dict, load_weights,
@@ -121,6 +123,8 @@ def load_first_stage(source: str | Path | None = None, use_ema: bool = True, dev
     plus ``exported_from`` (the source checkpoint's path, SHA-256 and weights) for a ``scripts/export.py`` file,
     and ``scaling`` (the config's latent scaling) for a diffusers model, whose weights are always "as stored".
     """
+    if source is not None:
+        require(source, FIRST_STAGES, "the first stage")
     folder = _diffusers_location(source, config, ckpt)
     if folder is not None:
         expected = autoencoder_config(config) if config is not None else None
@@ -238,11 +242,18 @@ def export_first_stage(source: str | Path, out: str | Path, use_ema: bool = True
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out), metadata={"source": info["ckpt_path"], "sha256": info["sha256"],
-                                         "weights": info["weights"]})
+                                         "weights": info["weights"], **export_metadata(Kind.AUTOENCODER_EXPORT)})
     sidecar = out.with_suffix(".yaml")
     OmegaConf.save(OmegaConf.create({"model": {"params": {"autoencoder": info["config"]}}}), sidecar)
+    readable_like(out, sidecar)
     log.info("exported %s weights of %s to %s (+ %s)", info["weights"], info["ckpt_path"], out, sidecar.name)
     return out, sidecar
+
+
+def readable_like(path: Path, reference: Path) -> None:
+    """Give ``path`` the permission bits of ``reference``: safetensors creates its files private (0600), while
+    the config sidecar beside it gets the usual umask (e.g. 0644); a release is readable as a whole."""
+    os.chmod(path, reference.stat().st_mode & 0o777)
 
 
 # ------------------------------------------------------------------------------------------ stage 2
@@ -335,6 +346,7 @@ def load_diffusion(source: str | Path, use_ema: bool = True, device: str | torch
     stage-1 export) or the recorded checkpoint, and must be the recorded one (SHA-256 and weights; an export
     counts as its source): else ValueError naming both hashes, or with ``allow_first_stage_mismatch`` a warning.
     """
+    require(source, DIFFUSION_MODELS, "the stage-2 model")
     config_path, ckpt_path = resolve_source(source)
     config = OmegaConf.load(config_path)
     state, record = read_diffusion_checkpoint(ckpt_path)
@@ -388,8 +400,10 @@ def export_diffusion(source: str | Path, out: str | Path, use_ema: bool = True) 
     out = Path(out).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in export.items()}, str(out),
-              metadata={"source": str(ckpt_path), "weights": weights, FIRST_STAGE_KEY: json.dumps(identity)})
+              metadata={"source": str(ckpt_path), "weights": weights, FIRST_STAGE_KEY: json.dumps(identity),
+                        **export_metadata(Kind.DIFFUSION_EXPORT)})
     sidecar = out.with_suffix(".yaml")
     OmegaConf.save(config, sidecar)
+    readable_like(out, sidecar)
     log.info("exported %s stage-2 weights of %s to %s (+ %s)", weights, ckpt_path, out, sidecar.name)
     return out, sidecar

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ldm.callbacks import CheckpointOnSignal, ImageLogger, SetupCallback, ThroughputMonitor, ValidateAtLastStep
@@ -120,13 +120,39 @@ def check_sections(config: DictConfig, files: Sequence[DictConfig]) -> None:
                                                      if from_files - set(SECTIONS) else ""))
 
 
+def _value_kind(value: Any) -> str:
+    if isinstance(value, (ListConfig, list, tuple)):
+        return "list"
+    if isinstance(value, (DictConfig, dict)):
+        return "mapping"
+    return {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(value), type(value).__name__)
+
+
+def check_override_types(files: DictConfig, overrides: Sequence[str]) -> None:
+    """An override that gives text where the config files hold a number, list, mapping or boolean, or a scalar
+    where they hold a list or mapping (``channel_mult=abc``, ``ch_mult=4``) is a typo: an error naming the key,
+    before anything is built (it would fail deep inside a constructor, or run with the wrong value)."""
+    for item in overrides:
+        key = item.partition("=")[0].lstrip("+~")
+        old = OmegaConf.select(files, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+        new = OmegaConf.select(OmegaConf.from_dotlist([item]), key, default=None)
+        if old is None or new is None:
+            continue
+        was, now = _value_kind(old), _value_kind(new)
+        if (now == "string" and was != "string") or (was in ("list", "mapping") and now != was):
+            shown = OmegaConf.to_container(old) if isinstance(old, (DictConfig, ListConfig)) else old
+            raise ConfigError(f"override {item!r}: {key} is a {was} in the config ({shown!r}), not a {now}")
+
+
 def load_config(bases: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     configs = []
     for base in bases:
         if not Path(base).is_file():
             raise FileNotFoundError(f"config file not found: {base}")
         configs.append(OmegaConf.load(base))
-    config = merge_configs([*configs, OmegaConf.from_dotlist(list(overrides))])
+    files = merge_configs(configs)
+    check_override_types(files, overrides)
+    config = merge_configs([files, OmegaConf.from_dotlist(list(overrides))])
     check_sections(config, configs)
     for key in ("model",):
         if key not in config:
@@ -155,6 +181,29 @@ def check_checkpoint(path: str | Path, flag: str, lightning: bool) -> None:
     if not isinstance(obj, dict) or (lightning and not {"state_dict", "loops"} <= set(obj)):
         raise ConfigError(f"{flag} {path} is not a readable checkpoint (not a Lightning training checkpoint: "
                           f"{'-r needs one with state_dict and loop state' if lightning else 'no weights found'})")
+
+
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def check_resume_shapes(model: torch.nn.Module, ckpt_path: Path, saved: DictConfig, config: DictConfig) -> None:
+    """``-r`` restores every weight, so the model must have the checkpoint's parameter shapes. If the overrides
+    change them, say which config keys differ from the run's saved config instead of Lightning's hundreds of
+    size-mismatch lines."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    mismatched = [f"{k}: saved {tuple(state[k].shape)}, now {tuple(v.shape)}"
+                  for k, v in model.state_dict().items() if k in state and state[k].shape != v.shape]
+    if not mismatched:
+        return
+    before, after = (_leaves(OmegaConf.to_container(c.model, resolve=False), "model") for c in (saved, config))
+    changed = [f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
+               if before.get(k) != after.get(k)]
+    raise ConfigError(f"-r {ckpt_path}: {len(mismatched)} parameter(s) would change shape (e.g. {mismatched[0]}); "
+                      f"model keys that differ from the run's saved config: {changed or 'none'}. A resumed run keeps "
+                      "its architecture: drop those overrides, or start a new run from these weights with --init-from")
 
 
 def build_loggers(config: DictConfig, logdir: Path, run_name: str, resumed_at: str | None = None) -> list:
@@ -275,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Data first: a missing dataset path must fail before any model is built or compute spent.
     data = instantiate_from_config(config.data, where="data")
     model = instantiate_from_config(config.model, where="model")
+    if opt.resume:
+        check_resume_shapes(model, ckpt_path, load_config(bases[:len(bases) - len(opt.base)], []), config)
     if opt.init_from:
         # A model may name buffers that describe this run's data rather than learned weights (stage 2's
         # latent normalisation): they keep the values this config gave them.

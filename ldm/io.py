@@ -41,7 +41,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **dumps: Any) -> None:
 def write_samples_npz(path: str | os.PathLike, images: np.ndarray, seeds: Sequence[int],
                       labels: Sequence[int] | None = None) -> Path:
     """``samples.npz``: ``arr_0`` uint8 NHWC (ADM's layout), ``seeds``[, ``labels``], written atomically."""
-    arrays = {"arr_0": np.asarray(images, dtype=np.uint8), "seeds": np.asarray(seeds, dtype=np.int64)}
+    arrays = {"arr_0": np.asarray(images, dtype=np.uint8), "seeds": np.fromiter(seeds, dtype=np.int64, count=len(seeds))}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
     with atomic_path(path) as tmp:

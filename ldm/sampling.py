@@ -6,9 +6,11 @@ over any number of GPUs gives the same images (EDM2-style).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,9 +26,45 @@ log = logging.getLogger(__name__)
 
 
 
-def parse_seeds(spec: str) -> list[int]:
-    """``"0-999"``, ``"1,5,7"`` or ``"0-9,20-29"`` → list of ints (ranges inclusive, like EDM2)."""
-    seeds: list[int] = []
+class Seeds(Sequence[int]):
+    """Sample seeds as inclusive ranges, expanded only where read: ``--seeds 0-999999999`` costs a few bytes until
+    it is sampled, so its size can be checked first. Overlapping ranges are refused (a seed twice would be sampled
+    twice and counted twice by FID)."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], spec: str = ""):
+        self.ranges, self.spec = [range(lo, hi + 1) for lo, hi in ranges], spec
+        self._ends = list(itertools.accumulate(len(r) for r in self.ranges))
+        ordered = sorted(self.ranges, key=lambda r: r.start)
+        for a, b in zip(ordered, ordered[1:]):
+            if b.start <= a.stop - 1:
+                raise ValueError(f"seed {b.start} is given twice in {spec!r}: each seed once (ranges must not overlap)")
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        part = bisect.bisect_right(self._ends, index)
+        return self.ranges[part][index - (self._ends[part - 1] if part else 0)]
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain.from_iterable(self.ranges)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Seeds({self.spec!r}: {len(self):,} seeds)"
+
+
+def parse_seeds(spec: str) -> Seeds:
+    """``"0-999"``, ``"1,5,7"`` or ``"0-9,20-29"`` → ``Seeds`` (ranges inclusive, like EDM2; nothing expanded)."""
+    ranges: list[tuple[int, int]] = []
     for part in str(spec).split(","):
         part = part.strip()
         if not part:
@@ -34,15 +72,12 @@ def parse_seeds(spec: str) -> list[int]:
         lo, sep, hi = part.partition("-")
         if not (lo.isdigit() and (not sep or hi.isdigit())):
             raise ValueError(f"bad seed {part!r} in {spec!r}: seeds are non-negative integers or ranges like 0-999")
-        if sep:
-            if int(hi) < int(lo):
-                raise ValueError(f"bad seed range {part!r}: end before start")
-            seeds.extend(range(int(lo), int(hi) + 1))
-        else:
-            seeds.append(int(part))
-    if not seeds:
+        if sep and int(hi) < int(lo):
+            raise ValueError(f"bad seed range {part!r}: end before start")
+        ranges.append((int(lo), int(hi) if sep else int(lo)))
+    if not ranges:
         raise ValueError(f"no seeds in {spec!r}")
-    return seeds
+    return Seeds(ranges, str(spec))
 
 
 def labels_for_seeds(seeds: Sequence[int], num_classes: int | None, class_label: int | None = None
@@ -56,7 +91,7 @@ def labels_for_seeds(seeds: Sequence[int], num_classes: int | None, class_label:
         if not 0 <= class_label < num_classes:
             raise ValueError(f"class {class_label} out of range [0, {num_classes})")
         return np.full(len(seeds), class_label, dtype=np.int64)
-    return np.asarray(seeds, dtype=np.int64) % num_classes
+    return np.fromiter(seeds, dtype=np.int64, count=len(seeds)) % num_classes
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

@@ -92,7 +92,7 @@ def test_manifest_round_trip_and_lookups(cache):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.pop("format"), "missing key 'format'"),
-    (lambda m: m.update(format="litevae-latent-cache/2"), "newer than this code reads"),
+    (lambda m: m.update(format="litevae-latent-cache/99"), "newer than this code reads"),
     (lambda m: m.update(format="something-else/1"), "unknown format"),
     (lambda m: m["splits"]["train"].pop("total"), r"splits.train: missing key 'total'"),
     (lambda m: m["splits"]["train"]["shards"][1].pop("count"), r"splits.train.shards\[1\]: missing key 'count'"),

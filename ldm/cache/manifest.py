@@ -1,18 +1,27 @@
 """The latent cache's ``manifest.json``: one schema, validated on read, versioned on write.
 
 ``{"format": FORMAT, "splits": {split: SplitEntry}, "updated"}``; ``scripts/cache_latents.py`` writes it
-(``ldm.cache.writer.merge_manifest``), everything else reads it through ``Manifest.read``.
+(``ldm.cache.writer.merge_manifest``), everything else reads it through ``Manifest.read``, which also checks
+the values stage 2 computes with (a finite, positive ``scale_factor``; counts and shapes that agree).
+``Manifest.check_shards`` checks that the shards are whole: present, of the recorded size, and (on request)
+of the recorded SHA-256. Version 2 records each shard's size and hash; version 1 caches (without them) are
+read with a warning, and their shards checked for presence only.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+log = logging.getLogger(__name__)
+
 MANIFEST_NAME = "manifest.json"
-FORMAT_NAME, VERSION = "litevae-latent-cache", 1
+FORMAT_NAME, VERSION = "litevae-latent-cache", 2
 FORMAT = f"{FORMAT_NAME}/{VERSION}"
+READABLE_VERSIONS = (1, 2)  # 1: no shard sizes or hashes
 
 
 class ManifestError(ValueError):
@@ -55,11 +64,27 @@ def _values(cls: type, data: Any, where: str) -> dict[str, Any]:
 
 
 def _check_stats(stats: dict, where: str) -> None:
-    """What stage 2 normalises with: ``shift`` and ``scale_factor``, once any sample was cached."""
+    """What stage 2 normalises with: ``shift`` and ``scale_factor``, once any sample was cached; a zero, negative
+    or non-finite scale would train on (or decode) garbage without an error, so it is refused here."""
     number = (int, float)
     _check(stats, {"count": (int, True, False)}, where, strict=False)
+    if stats["count"] < 0:
+        raise ManifestError(f"{where}.count: {stats['count']} is negative")
     if stats["count"] > 0:
         _check(stats, {"shift": (number, True, False), "scale_factor": (number, True, False)}, where, strict=False)
+        if not (math.isfinite(stats["scale_factor"]) and stats["scale_factor"] > 0):
+            raise ManifestError(f"{where}.scale_factor: {stats['scale_factor']} must be a finite positive number "
+                                "(1 / the latents' std); the manifest is damaged: re-run cache_latents.py into a "
+                                "new folder, or set model.params.scale_factor explicitly")
+        if not math.isfinite(stats["shift"]):
+            raise ManifestError(f"{where}.shift: {stats['shift']} must be finite")
+
+
+def file_digest(path: str | Path) -> tuple[int, str]:
+    """``(bytes, SHA-256 hex)`` of a file."""
+    from ldm.util import sha256_file
+
+    return Path(path).stat().st_size, sha256_file(path)
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,20 @@ class ShardEntry:
     rank: int = _json(int)
     index: int = _json(int)
     count: int = _json(int)
+    bytes: int | None = _json(int, optional=True, default=None)  # None: written by format 1
+    sha256: str | None = _json(str, optional=True, default=None)
+
+    def damage(self, root: Path, hashes: bool = False) -> str | None:
+        """Why this shard in ``root`` is not the one recorded (missing, another size, another hash); None if whole
+        as far as the record says (a format-1 entry records no size)."""
+        path = root / self.name
+        if not path.is_file():
+            return "missing"
+        if self.bytes is not None and path.stat().st_size != self.bytes:
+            return f"{path.stat().st_size} bytes, {self.bytes} recorded (truncated or overwritten)"
+        if hashes and self.sha256 is not None and file_digest(path)[1] != self.sha256:
+            return "SHA-256 differs from the recorded one (corrupted)"
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +135,12 @@ class SplitEntry:
         values["shards"] = tuple(ShardEntry(**_values(ShardEntry, s, f"{where}.shards[{i}]"))
                                  for i, s in enumerate(values["shards"]))
         _check_stats(values["stats"], f"{where}.stats")
+        counted = sum(s.count for s in values["shards"])
+        if counted != values["total"] or any(s.count < 0 for s in values["shards"]):
+            raise ManifestError(f"{where}: total {values['total']} but the shards hold {counted} samples")
+        shape = values.get("latent_shape")
+        if shape is not None and (len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)):
+            raise ManifestError(f"{where}.latent_shape: {shape} is not (channels, height, width) of positive integers")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,12 +169,14 @@ class SplitEntry:
                 f"autoencoder sha256 {str(self.autoencoder.get('sha256'))[:12]}")
 
 
-def _check_format(value: Any, where: str) -> None:
+def _check_format(value: Any, where: str) -> int:
+    """The format's version; a ManifestError for another format or a newer version."""
     name, _, version = str(value).rpartition("/")
     if name == FORMAT_NAME and version.isdigit() and int(version) > VERSION:
         raise ManifestError(f"{where}: format {value!r} is newer than this code reads ({FORMAT}); update the code")
-    if value != FORMAT:
+    if name != FORMAT_NAME or not version.isdigit() or int(version) not in READABLE_VERSIONS:
         raise ManifestError(f"{where}: unknown format {value!r} (this code reads {FORMAT})")
+    return int(version)
 
 
 @dataclass(frozen=True)
@@ -160,13 +207,26 @@ class Manifest:
     def from_dict(cls, data: Any, path: Path | None = None) -> "Manifest":
         where = str(path or MANIFEST_NAME)
         values = _values(cls, data, where)
-        _check_format(values["format"], where)
+        if _check_format(values["format"], where) < VERSION:
+            log.warning("%s: format %s records no shard sizes or hashes: shards are checked for presence only (a "
+                        "re-run of cache_latents.py on the folder records them)", where, values["format"])
         splits = {name: SplitEntry.from_dict(e, f"{where}: splits.{name}") for name, e in values["splits"].items()}
         return cls(values["format"], splits, values.get("updated"), path)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "splits": {k: e.to_dict() for k, e in self.splits.items()},
                 "updated": self.updated}
+
+    def check_shards(self, split: str, hashes: bool = False) -> None:
+        """Every shard of ``split`` present and of its recorded size (and SHA-256 with ``hashes``), before any
+        training step: else a ManifestError naming each damaged shard and the command that repairs them."""
+        root = Path(self.path).parent if self.path is not None else Path(".")
+        damaged = [f"{s.name} ({problem})" for s in self.split(split).shards
+                   if (problem := s.damage(root, hashes)) is not None]
+        if damaged:
+            raise ManifestError(f"{root}: {len(damaged)} shard(s) of split {split!r} damaged: {', '.join(damaged[:5])}"
+                                f"{' ...' if len(damaged) > 5 else ''}; re-run the cache_latents.py command that made "
+                                "the cache (it re-encodes damaged and missing shards)")
 
     def split(self, name: str) -> SplitEntry:
         if name not in self.splits:

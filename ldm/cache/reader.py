@@ -52,9 +52,14 @@ class LatentShards(ShardStream):
 
     @classmethod
     def from_cache(cls, root: str | Path, split: str = "train", scale_factor: float | None = None,
-                   shift: float | Sequence[float] | None = None, **stream: Any) -> "LatentShards":
-        """The ``split`` of the cache in ``root`` (``stream``: sample, flip, shuffle, resampled, epoch_length, seed)."""
+                   shift: float | Sequence[float] | None = None, verify: bool = False,
+                   **stream: Any) -> "LatentShards":
+        """The ``split`` of the cache in ``root`` (``stream``: sample, flip, shuffle, resampled, epoch_length, seed).
+
+        Every shard is checked before anything trains: present and of its recorded size, and with ``verify`` also
+        of its recorded SHA-256 (reads the whole cache once)."""
         manifest = Manifest.read(root)
+        manifest.check_shards(split, hashes=verify)
         entry = manifest.split(split)
         urls = [str(Path(root) / s.name) for s in entry.shards if s.count > 0]
         if not urls:

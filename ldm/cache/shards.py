@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ldm.util import step_generator
+from ldm.util import check_range, step_generator
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class ShardStream(IterableDataset):
                  epoch_length: int | None = None, seed: int | None = None, total: int | None = None):
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"epoch_length must be a positive integer or None, got {epoch_length}")
+        if isinstance(shuffle, bool) or not isinstance(shuffle, int):  # True would silently mean a buffer of 1
+            raise TypeError(f"shuffle is a shuffle-buffer size in samples (0: stream order), got {shuffle!r}")
+        check_range("shuffle", shuffle, 0)
         self.urls, self.shuffle, self.resampled = urls, shuffle, resampled
         self.epoch_length, self.seed, self.total = epoch_length, seed, total
 

@@ -7,9 +7,11 @@ Layout of an output folder (one ``manifest.json`` for all splits)::
     {split}-r{rank:02d}-{index:06d}.json   sidecar: count, skipped inputs, latent statistics, run plan, keys
     {split}-r{rank:02d}.done.json          the rank finished: its list of shards
     manifest.json                          ``ldm.cache.manifest.Manifest``, written once every rank is done
+    .lock-{split}-r{rank:02d}              held while that rank writes (``ldm.locks``: one writer per rank)
 
-Crash safety: a shard is written to ``.tar.tmp``; its sidecar is written, then the tar is renamed to ``.tar``.
-A shard is complete iff its ``.tar`` exists. Rank ``r`` owns the dataset indices ``range(n)[r::world]`` and
+Crash safety: a shard is written to ``.tar.tmp``; its sidecar (with the tar's size and SHA-256) is written, then
+the tar is renamed to ``.tar``. A shard is complete iff its ``.tar`` exists and matches its sidecar's size and
+hash: a re-run checks every finished shard and re-encodes the damaged or missing ones. Rank ``r`` owns the dataset indices ``range(n)[r::world]`` and
 its shard ``i`` holds the fixed slice ``[i*N, (i+1)*N)`` of them, so a re-run knows which samples are
 already cached and each sample lands in exactly one shard. Streaming (WebDataset) sources have no index:
 shard ``i`` is then the ``i``-th run of N good samples of the rank's (unshuffled) stream; keep the number of
@@ -19,8 +21,9 @@ them), attributed to the shard being written — exactly in a fresh run, approxi
 Keys: ``__key__ = tar_key(key)`` escapes ``%`` and ``.`` (reversible: ``key_from_tar``; the key as given is also
 in each sample's ``json``), so distinct keys stay distinct; two samples of a split with one key are refused
 while writing (one run) and when merging (all ranks), naming both sources. Before anything is written, a run is
-refused if the folder holds latents of another autoencoder (other splits or this split's shards) or shards of
-this split made with other settings.
+refused if the folder holds latents of another first stage (other splits or this split's shards: checkpoint
+SHA-256 *and* weights, EMA or raw) or shards of this split made with other settings, or if another process is
+writing the same rank of the split.
 
 Statistics are of the posterior MEAN as stored (after the fp16/fp32 cast), unflipped, in float64 sufficient
 statistics (count, sum, sum of squares, min, max per channel) merged exactly across shards and ranks.
@@ -29,6 +32,7 @@ Normalisation convention: ``z_norm = (z - shift) * scale_factor`` with ``shift``
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -45,11 +49,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ldm.cache.records import (IndexedRecords, Item, StreamRecords, StreamSkips, collate_records)
-from ldm.cache.stats import LatentStats
 from ldm.cache.keys import KEY_SCHEME, tar_key
+from ldm.cache.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardEntry, SplitEntry, file_digest
+from ldm.cache.records import IndexedRecords, Item, StreamRecords, StreamSkips, collate_records
+from ldm.cache.stats import LatentStats
 from ldm.io import write_json_atomic
-from ldm.cache.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
+from ldm.locks import output_lock
 from ldm.precision import PRECISIONS, GuardedAutoencoder
 from ldm.tiling import DEFAULT_OVERLAP, TiledAutoencoder, tiled
 
@@ -128,7 +133,9 @@ class _Shard:
 
     def close(self, plan: dict) -> dict:
         self.writer.close()
+        size, sha256 = file_digest(self.tmp)  # what a reader checks the finished shard against
         record = {"name": self.name, "rank": self.rank, "index": self.index, "count": self.count,
+                  "bytes": size, "sha256": sha256,
                   "skipped": self.skipped, "latent_shape": self.latent_shape, "image_shape": self.image_shape,
                   "stats": self.stats.to_dict(), "plan": plan, "keys": self.keys}
         write_json_atomic(self.out / f"{self.name}.json", record)
@@ -192,30 +199,63 @@ def complete_sidecars(out: Path, split: str) -> Iterator[tuple[str, dict]]:
             yield side.stem, json.loads(side.read_text())
 
 
+def shard_damage(tar: Path, side: Mapping[str, Any], hashes: bool = True) -> str | None:
+    """Why the finished shard ``tar`` does not match its sidecar (size, then SHA-256 with ``hashes``); None when
+    it does, or when the sidecar predates these records (nothing to check against)."""
+    entry = ShardEntry(tar.name, side.get("rank", 0), side.get("index", 0), side.get("count", 0), side.get("bytes"),
+                       side.get("sha256"))
+    return entry.damage(tar.parent, hashes)
+
+
+def remove_damaged_shards(out: Path, split: str, rank: int) -> list[str]:
+    """Check this rank's finished shards against their sidecars; remove the damaged ones (tar, sidecar and the
+    rank's done file), so that this run encodes them again. Returns their names."""
+    damaged = []
+    for name, side in complete_sidecars(out, split):
+        if side.get("rank") not in (None, rank) or not name.startswith(f"{split}-r{rank:02d}-"):
+            continue
+        problem = shard_damage(out / f"{name}.tar", side)
+        if problem:
+            log.warning("shard %s.tar is damaged (%s): encoding it again", name, problem)
+            (out / f"{name}.tar").unlink()
+            (out / f"{name}.json").unlink()
+            damaged.append(name)
+    if damaged:
+        (out / done_name(split, rank)).unlink(missing_ok=True)
+    return damaged
+
+
 def existing_plans_check(out: Path, split: str, plan: dict) -> None:
-    """Refuse to mix shards of a different plan (world size, shard size, model, key scheme...) into one split."""
+    """Refuse to mix shards of a different plan (world size, shard size, model and its weights, key scheme...)
+    into one split. A key a shard's plan does not record (written before it was recorded) is not compared."""
     for name, side in complete_sidecars(out, split):
         other = side.get("plan", {})
-        diff = {k: (other.get(k), v) for k, v in plan.items() if other.get(k) != v}
+        diff = {k: (other.get(k), v) for k, v in plan.items() if k in other and other.get(k) != v}
         if diff:
             raise CacheError(f"{out} already holds {split} shards made with different settings {diff} "
-                             f"(e.g. {name}.tar); re-run with the same settings or use a new output folder")
+                             f"(e.g. {name}.tar): (recorded, now); re-run with the same settings or use a new "
+                             "output folder")
 
 
-def check_autoencoder(out: Path, split: str, sha256: str | None) -> None:
-    """Refuse to cache ``split`` with an autoencoder other than the one of the folder's other splits (manifest)
-    or of this split's shards already there: stage 2 normalises every split with the train split's statistics,
-    so one folder holds one latent space. Called before anything is written."""
+def check_autoencoder(out: Path, split: str, sha256: str | None, weights: str | None = None) -> None:
+    """Refuse to cache ``split`` with a first stage other than the one of the folder's other splits (manifest)
+    or of this split's shards already there: the same checkpoint SHA-256 and the same weights (EMA or raw) of
+    it. Stage 2 normalises every split with the train split's statistics, so one folder holds one latent space.
+    Called before anything is written."""
     path = out / MANIFEST_NAME
-    held = [(f"split {name!r} in {path}", e.autoencoder.get("sha256"))
+    held = [(f"split {name!r} in {path}", e.autoencoder.get("sha256"), e.autoencoder.get("weights"))
             for name, e in (Manifest.read(path).splits.items() if path.exists() else ()) if name != split]
-    held += [(f"shard {out / name}.tar", side.get("plan", {}).get("ckpt_sha256"))
+    held += [(f"shard {out / name}.tar", side.get("plan", {}).get("ckpt_sha256"), side.get("plan", {}).get("weights"))
              for name, side in complete_sidecars(out, split)]
-    for where, other in held:
+    for where, other, other_weights in held:
         if sha256 and other and other != sha256:
             raise CacheError(f"{where} was cached with the autoencoder of sha256 {other}, but this one's is "
                              f"{sha256}; one cache folder holds one autoencoder's latents. Cache {split!r} into "
                              f"another folder, or with the autoencoder {other[:12]}...")
+        if weights and other_weights and other_weights != weights:
+            raise CacheError(f"{where} was cached with the {other_weights} weights of this autoencoder, but this run "
+                             f"uses its {weights} weights (--no-ema decides); one cache folder holds one latent "
+                             f"space: re-run with the same choice, or cache into another folder")
 
 
 # ------------------------------------------------------------------------------------------- shard writer
@@ -302,17 +342,21 @@ def cache_rank(model: torch.nn.Module, dataset: Dataset, opts: CacheOptions, ran
     are not counted). Writes ``{split}-r{rank}.done.json`` at the end, holding ``info`` (manifest fields).
     """
     out, device = Path(opts.out_dir), torch.device(device)
-    plan = _prepare_folder(dataset, opts, rank, world, plan_extra)
-    records = _records(dataset, opts, rank, world)
-    if records.finished:
-        log.info("%s rank %d: all %d shards already complete", opts.split, rank, records.num_shards)
-        return {"written": 0, "skipped": 0, "shards": 0, "seconds": 0.0}
-    writer, t0 = ShardWriter(out, opts.split, rank, plan, records.skips), time.time()
-    _encode_into(model, records, writer, opts, device, progress, desc=f"{opts.split} r{rank}")
-    num_shards = records.shard_count(writer.last_index)
-    shards = [shard_name(opts.split, rank, i) for i in range(num_shards)]
-    write_json_atomic(out / done_name(opts.split, rank), {"rank": rank, "world_size": world, "num_shards": num_shards,
-                                                          "info": dict(info or {}), "shards": shards})
+    out.mkdir(parents=True, exist_ok=True)
+    # One writer per (split, rank): a second one would delete this one's live .tar.tmp as "interrupted".
+    with output_lock(out, f".lock-{opts.split}-r{rank:02d}", what=f"split {opts.split!r}, rank {rank}"):
+        plan = _prepare_folder(dataset, opts, rank, world, plan_extra)
+        records = _records(dataset, opts, rank, world)
+        if records.finished:
+            log.info("%s rank %d: all %d shards already complete", opts.split, rank, records.num_shards)
+            return {"written": 0, "skipped": 0, "shards": 0, "seconds": 0.0}
+        writer, t0 = ShardWriter(out, opts.split, rank, plan, records.skips), time.time()
+        _encode_into(model, records, writer, opts, device, progress, desc=f"{opts.split} r{rank}")
+        num_shards = records.shard_count(writer.last_index)
+        shards = [shard_name(opts.split, rank, i) for i in range(num_shards)]
+        write_json_atomic(out / done_name(opts.split, rank), {"rank": rank, "world_size": world,
+                                                              "num_shards": num_shards, "info": dict(info or {}),
+                                                              "shards": shards})
     return {"written": writer.written, "skipped": writer.skipped, "shards": writer.closed,
             "seconds": time.time() - t0}
 
@@ -327,9 +371,9 @@ def _prepare_folder(dataset: Dataset, opts: CacheOptions, rank: int, world: int,
             "tile": opts.tile, "tile_overlap": opts.tile_overlap if opts.tile else None, **dict(plan_extra or {})}
     if streaming:
         plan["num_workers"] = opts.num_workers  # the stream order depends on it
-    check_autoencoder(out, opts.split, plan.get("ckpt_sha256"))
+    check_autoencoder(out, opts.split, plan.get("ckpt_sha256"), plan.get("weights"))
     existing_plans_check(out, opts.split, plan)
-    out.mkdir(parents=True, exist_ok=True)
+    remove_damaged_shards(out, opts.split, rank)
     for stale in out.glob(f"{opts.split}-r{rank:02d}-*.tar.tmp"):
         log.info("removing partial shard %s from an interrupted run", stale.name)
         stale.unlink()
@@ -395,10 +439,15 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world: int, info: Map
         info = json.loads((out / done_name(split, 0)).read_text()).get("info", {})
     entry = _merge_split(out, split, world, info)
     path = out / MANIFEST_NAME
-    check_autoencoder(out, split, entry.autoencoder.get("sha256"))
-    manifest = Manifest.read(path) if path.exists() else Manifest(FORMAT, {})
-    manifest = replace(manifest, splits={**manifest.splits, split: entry}, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_json_atomic(path, manifest.to_dict())
+    check_autoencoder(out, split, entry.autoencoder.get("sha256"), entry.autoencoder.get("weights"))
+    # Splits merged at once (two cache runs into one folder) must not drop each other's entry: read-modify-write
+    # under an exclusive lock, waiting for the other (it is short).
+    with open(out / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = Manifest.read(path) if path.exists() else Manifest(FORMAT, {})
+        manifest = replace(manifest, format=FORMAT, splits={**manifest.splits, split: entry},
+                           updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_json_atomic(path, manifest.to_dict())
     return entry
 
 
@@ -406,15 +455,27 @@ def _merge_split(out: Path, split: str, world: int, info: Mapping) -> SplitEntry
     """The split's entry from every rank's shard sidecars: shards, counts, skipped inputs, exact statistics;
     keys checked unique across all shards (sidecars written before keys were recorded are not checked)."""
     stats, shards, skipped, shapes, keys = LatentStats(), [], [], {}, UniqueKeys(split)
+    first: tuple[str, dict] | None = None  # every shard of a split shares one plan (keys both record compared)
     for r in range(world):
         for name in json.loads((out / done_name(split, r)).read_text())["shards"]:
             side = json.loads((out / f"{name}.json").read_text())
-            if not (out / f"{name}.tar").exists():
-                raise RuntimeError(f"{out}: shard {name}.tar is missing; re-run the same command to finish it")
+            problem = shard_damage(out / f"{name}.tar", side, hashes=False)
+            if problem:
+                raise RuntimeError(f"{out}: shard {name}.tar is {problem}; re-run the same command to encode it again")
             for key, source in side.get("keys", []):
                 keys.add(key, source, name)
+            plan = side.get("plan", {})
+            first = first or (name, plan)
+            diff = {k: (first[1][k], plan[k]) for k in first[1].keys() & plan.keys() if first[1][k] != plan[k]}
+            if diff:
+                raise CacheError(f"{out}: shards {first[0]}.tar and {name}.tar of split {split!r} were made with "
+                                 f"different settings {diff}; one split is one run's settings: cache into a new "
+                                 "folder")
             stats.merge(LatentStats.from_dict(side["stats"]))
-            shards.append(ShardEntry(f"{name}.tar", r, side["index"], side["count"]))
+            # A shard finished before sizes and hashes were recorded is taken as it is now.
+            size, sha256 = (side["bytes"], side.get("sha256")) if side.get("bytes") is not None \
+                else file_digest(out / f"{name}.tar")
+            shards.append(ShardEntry(f"{name}.tar", r, side["index"], side["count"], size, sha256))
             skipped += side["skipped"]
             if side.get("latent_shape") and not shapes:
                 shapes = {"latent_shape": side["latent_shape"], "image_shape": side["image_shape"]}
@@ -448,7 +509,7 @@ def cache_latents(model: torch.nn.Module, model_info: Mapping, dataset: Dataset,
     done writes it. Returns ``(this rank's counts, the split's manifest entry as written (JSON) or None)``.
     """
     info = manifest_info(model_info, opts, data_config, dataset)
-    plan_extra = {"ckpt_sha256": model_info.get("sha256"), "split": opts.split}
+    plan_extra = {"ckpt_sha256": model_info.get("sha256"), "weights": model_info.get("weights"), "split": opts.split}
     result = cache_rank(model, dataset, opts, rank, world, device, plan_extra, progress, info)
     if barrier is not None:
         barrier()

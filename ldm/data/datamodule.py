@@ -39,6 +39,8 @@ class DataModule(pl.LightningDataModule):
         check_range("batch_size", batch_size, 1)
         check_range("val_batch_size", val_batch_size, 1)
         check_range("num_workers", num_workers, 0)
+        if not isinstance(shuffle, bool):  # -1 or "no" would otherwise be read as true or false silently
+            raise TypeError(f"shuffle must be true or false, got {shuffle!r}")
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.shuffle = fit_workers(num_workers, "data.params.num_workers"), shuffle
         self._pin_memory = pin_memory

@@ -64,14 +64,36 @@ class SkipCounter:
 
 
 def list_images(root: Path, extensions: Iterable[str]) -> list[str]:
-    """Sorted relative POSIX paths of all images under ``root`` (hidden files and folders ignored)."""
+    """Sorted relative POSIX paths of the images under ``root`` (hidden files and folders ignored).
+
+    Symlinks are followed, but each real folder is walked once and each real file listed once (a symlink loop or
+    a second link to an image cannot repeat it), and only regular files are listed: FIFOs, sockets and devices
+    with an image name would block or fail a reader. What was left out is counted in the log."""
     exts = {"." + e.lower().lstrip(".") for e in extensions}
-    found = []
+    found, seen_dirs, seen_files = [], set(), set()
+    left_out = {"repeated through links": 0, "not regular files": 0}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # e.g. .ipynb_checkpoints
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:  # reached again through a link: its files are listed already
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # e.g. .ipynb_checkpoints
         rel_dir = Path(dirpath).relative_to(root)
-        found += [(rel_dir / f).as_posix() for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
+        for name in sorted(filenames):
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
+                continue
+            path = os.path.join(dirpath, name)
+            target = os.path.realpath(path)
+            if not os.path.isfile(target):
+                left_out["not regular files"] += 1
+            elif target in seen_files:
+                left_out["repeated through links"] += 1
+            else:
+                seen_files.add(target)
+                found.append((rel_dir / name).as_posix())
+    if any(left_out.values()):
+        log.warning("%s: left out %s", root, ", ".join(f"{n} {why}" for why, n in left_out.items() if n))
     return sorted(found)
 
 

@@ -145,6 +145,7 @@ class LatentDiffusion(pl.LightningModule):
         label_key: str = "cls",
         text_key: str = "txt",
         compile: bool = False,
+        retarget_latents: bool = False,
     ):
         super().__init__()
         if isinstance(first_stage, Mapping):
@@ -173,6 +174,7 @@ class LatentDiffusion(pl.LightningModule):
         self.betas, self.weight_decay, self.lr_warmup_steps = tuple(betas), weight_decay, lr_warmup_steps
         self.noise_seed = noise_seed
         self.latent_key, self.image_key = latent_key, image_key
+        self.retarget_latents = retarget_latents
         self.learning_rate = 1e-4  # set by the CLI from model.base_learning_rate
 
         self._init_normalisation(scale_factor, shift, latent_shape)
@@ -225,9 +227,35 @@ class LatentDiffusion(pl.LightningModule):
         checkpoint[FIRST_STAGE_KEY] = self.first_stage_identity
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Resuming restores the normalisation buffers from the checkpoint: the identity goes with them.
-        if FIRST_STAGE_KEY in checkpoint:
+        """Resuming (``main.py -r``) restores the normalisation buffers from the checkpoint, and the identity goes
+        with them. If this run's config points at other latents (another first stage, or another normalisation)
+        the run would go on training on them under the old record: refused, unless
+        ``model.params.retarget_latents=true``, which keeps this config's latents, normalisation and record."""
+        problems = self._latent_changes(checkpoint)
+        if problems and not self.retarget_latents:
+            raise ConfigError("-r: the latents differ from the ones this run trained on: " + "; ".join(problems)
+                              + ". Resume with the run's own cache, or set model.params.retarget_latents=true to go on "
+                              "training on these latents (their normalisation and first stage are recorded)")
+        if problems:
+            log.warning("retargeting the run to other latents (model.params.retarget_latents): %s", "; ".join(problems))
+            for key in self.KEEP_ON_INIT_FROM:
+                checkpoint["state_dict"][key] = getattr(self, key).clone()
+        elif FIRST_STAGE_KEY in checkpoint:
             self.first_stage_identity = checkpoint[FIRST_STAGE_KEY]
+
+    def _latent_changes(self, checkpoint: Mapping[str, Any]) -> list[str]:
+        """How this config's latents (first stage, normalisation buffers it set) differ from the checkpoint's."""
+        problems, state = [], checkpoint.get("state_dict", {})
+        saved, current = checkpoint.get(FIRST_STAGE_KEY), self.first_stage_identity
+        if saved and current:
+            mismatch = first_stage_mismatch(saved, {"ckpt_path": current.get("ckpt_path"), **current})
+            if mismatch:
+                problems.append(mismatch.replace("the latents were cached with", "the run trained on latents of"))
+        for key in self.KEEP_ON_INIT_FROM:  # the buffers this config set (from latent_stats or explicitly)
+            mine = getattr(self, key)
+            if key in state and (state[key].shape != mine.shape or not torch.allclose(state[key].float(), mine.float())):
+                problems.append(f"{key} {state[key].tolist()} in the checkpoint, {getattr(self, key).tolist()} now")
+        return problems
 
     # ------------------------------------------------------------------ construction helpers
     def _init_normalisation(self, scale: float | None, shift: Any, shape: Sequence[int] | None) -> None:

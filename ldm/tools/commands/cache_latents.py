@@ -2,8 +2,11 @@
 
   python scripts/cache_latents.py --ae logs/<run> --data configs/data.yaml --split train --out latents/
   torchrun --nproc_per_node=8 scripts/cache_latents.py --ae logs/<run> --split train --out latents/
+  python scripts/cache_latents.py --verify latents/     # every shard's size and SHA-256 against the manifest
 
-Re-running the same command resumes (complete shards are kept). See ``ldm/cache/writer.py``.
+Re-running the same command resumes: complete shards are kept, damaged or missing ones (size or SHA-256 other
+than recorded) are encoded again. One process writes each (split, rank) of a folder (a lock file names it).
+See ``ldm/cache/writer.py``.
 """
 from __future__ import annotations
 
@@ -14,12 +17,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ldm.artifacts import FIRST_STAGES, argument
 from ldm.tools.args import (add_batch_size, add_device, add_out, add_workers, check_output_dir, non_negative_int,
                             positive_int)
 from ldm.data.configs import dataset_config, deterministic
 from ldm.cache.writer import CacheError, CacheOptions, cache_latents, merge_manifest
 from ldm.cache.manifest import MANIFEST_NAME, Manifest
 from ldm.checkpoints import load_first_stage, resolve_source
+from ldm.locks import LockError
 from ldm.precision import PRECISIONS
 from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
 from ldm.util import fit_workers, instantiate_from_config, join_torchrun_group, pick_device
@@ -30,13 +35,13 @@ log = logging.getLogger("cache_latents")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/cache_latents.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ae", required=True, help="stage-1 run folder, .ckpt in one, or exported .safetensors "
+    p.add_argument("--ae", type=argument(FIRST_STAGES), help="stage-1 run folder, .ckpt in one, or exported .safetensors "
                                                "(with config.yaml / <name>.yaml next to it)")
     p.add_argument("--ae-config", help="autoencoder/project config, overriding the one found from --ae")
     p.add_argument("--data", help="data config YAML: a dataset {target, params}, a DataModule node or a full "
                                   "project config (default: the stage-1 run's own data config)")
     p.add_argument("--split", default="train", help="split to cache (data.params.<split>); names the shards")
-    add_out(p, "output folder (shards + manifest.json)", required=True)
+    add_out(p, "output folder (shards + manifest.json)")
     add_batch_size(p, 32)
     add_workers(p, 4)
     add_device(p)
@@ -51,14 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=positive_int, help="number of processes, without torchrun")
     p.add_argument("--merge-only", action="store_true", help="only (re)write manifest.json from finished ranks "
                                                               "(with --world-size K when K > 1)")
+    p.add_argument("--verify", metavar="CACHE", help="check every shard of an existing cache (size and SHA-256 "
+                                                     "against its manifest), print the result and exit (1: damaged)")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.verify is None and (args.ae is None or args.out is None):
+        p.error("--ae and --out are required (or --verify CACHE)")
     check_ranks(p, args)
     return args
+
+
+def verify(cache: str) -> int:
+    """Every split's shards against the manifest, hashes included; prints one line per split."""
+    manifest = Manifest.read(cache)
+    damaged = 0
+    for split in manifest.splits:
+        try:
+            manifest.check_shards(split, hashes=True)
+            print(f"{split}: {len(manifest.split(split).shards)} shards whole")
+        except ValueError as err:
+            print(f"{split}: {err}")
+            damaged += 1
+    return 1 if damaged else 0
 
 
 def check_ranks(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -91,10 +114,15 @@ def load_data_config(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.verify is not None:
+        status = verify(args.verify)
+        if status:
+            raise SystemExit(status)
+        return
     check_output_dir(args.out, "--out")  # before the autoencoder and the data are loaded
     try:
         run(args)
-    except CacheError as e:
+    except (CacheError, LockError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

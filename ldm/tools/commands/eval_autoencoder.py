@@ -19,6 +19,7 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
+from ldm.artifacts import FIRST_STAGES, argument
 from ldm.tools.args import (add_batch_size, add_detector, add_device, add_out, add_workers, positive_int, finish,
                             start)
 from ldm.data.configs import dataset_config, deterministic
@@ -38,7 +39,7 @@ COLUMNS = ["weights", "resolution", "upsampled_from", "n", "psnr", "psnr_std", "
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/eval_autoencoder.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ae", required=True, help="stage-1 run folder, .ckpt in one, or exported .safetensors")
+    p.add_argument("--ae", required=True, type=argument(FIRST_STAGES), help="stage-1 run folder, .ckpt in one, or exported .safetensors")
     p.add_argument("--weights", choices=("ema", "raw", "both"), default="both")
     p.add_argument("--data", help="data config YAML (dataset node, DataModule node or project config); "
                                   "default: the stage-1 run's own data config")

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from omegaconf import OmegaConf
-
-from ldm.checkpoints import export_diffusion, export_first_stage, resolve_source
+from ldm.artifacts import DIFFUSION_MODELS, Kind, require
+from ldm.checkpoints import export_diffusion, export_first_stage
 from ldm.tools.args import add_out
 
 
@@ -32,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    target = str(OmegaConf.load(resolve_source(args.source)[0]).model.get("target", ""))
-    export = export_diffusion if target.endswith("LatentDiffusion") else export_first_stage
+    try:
+        kind = require(args.source, {Kind.AUTOENCODER_RUN, Kind.DIFFUSION_RUN}, "source")
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    export = export_diffusion if kind in DIFFUSION_MODELS else export_first_stage
     weights, sidecar = export(args.source, args.out, use_ema=not args.no_ema)
     print(f"wrote {weights} and {sidecar}")
     return 0

@@ -16,26 +16,31 @@ into samples.npz.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ldm.checkpoints import load_diffusion
+from ldm.artifacts import DIFFUSION_MODELS, FIRST_STAGES, argument
+from ldm.checkpoints import load_diffusion, resolve_source
 from ldm.diffusion.objectives import DDPM_SAMPLERS, FLOW_SAMPLERS
 from ldm.precision import PRECISIONS
-from ldm.sampling import generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs, write_pngs
+from ldm.locks import LockError, output_lock
+from ldm.sample_folder import (SampleFolderError, check_request_fits, check_sample_folder, sample_record,
+                               write_record)
+from ldm.sampling import Seeds, generate, labels_for_seeds, parse_seeds, read_pngs, write_outputs, write_pngs
 from ldm.tools.args import (setup_logging, add_batch_size, add_device, add_out, check_output_dir, non_negative_float,
                             non_negative_int, positive_int)
 from ldm.tools.first_stage_args import add_tiling_args, check_tiling_args
-from ldm.util import join_torchrun_group, pick_device
+from ldm.util import join_torchrun_group, pick_device, sha256_file
 
 log = logging.getLogger("sample")
 
 
-def seed_list(spec: str) -> list[int]:
-    """``--seeds`` parsed at argument time, so a bad list fails naming the flag."""
+def seed_list(spec: str) -> Seeds:
+    """``--seeds`` parsed at argument time (lazily: ranges), so a bad list fails naming the flag."""
     try:
         return parse_seeds(spec)
     except ValueError as e:
@@ -45,7 +50,7 @@ def seed_list(spec: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/sample.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="stage-2 run folder, a .ckpt inside one, or a scripts/export.py .safetensors")
+    p.add_argument("source", type=argument(DIFFUSION_MODELS), help="stage-2 run folder, a .ckpt inside one, or a scripts/export.py .safetensors")
     add_out(p, "output folder (default: <run>/samples/<checkpoint>_<settings>)")
     p.add_argument("--seeds", type=seed_list, default="0-63", help="e.g. 0-999 or 1,5,7 (inclusive ranges)")
     add_batch_size(p, 32, "samples per forward pass (per process)")
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "euler_maruyama (SDE)")
     p.add_argument("--class", dest="class_label", type=non_negative_int, help="class for all samples (default: seed %% classes)")
     p.add_argument("--prompt", help="text prompt (text-conditional models)")
-    p.add_argument("--first-stage", help="stage-1 run folder / .ckpt / .safetensors to decode with instead of the "
+    p.add_argument("--first-stage", type=argument(FIRST_STAGES), help="stage-1 run folder / .ckpt / .safetensors to decode with instead of the "
                    "recorded path (checked against the checkpoint's record)")
     p.add_argument("--allow-first-stage-mismatch", action="store_true",
                    help="decode even if the first stage is not the one the checkpoint records (warns)")
@@ -81,6 +86,23 @@ def default_out(args: argparse.Namespace) -> Path:
     return run / "samples" / tag
 
 
+def request_record(args: argparse.Namespace, module: torch.nn.Module) -> dict:
+    """What the output folder records about this request (``ldm.sample_folder``)."""
+    ckpt = resolve_source(args.source)[1]
+    source = {"checkpoint": str(ckpt.resolve()), "sha256": sha256_file(ckpt), "weights": "raw" if args.no_ema else "ema",
+              "first_stage": module.first_stage_identity}
+    settings = {key: getattr(args, key) for key in ("steps", "eta", "cfg", "sampler", "class_label", "prompt",
+                                                    "precision", "decode_precision", "tile", "tile_overlap")}
+    return sample_record(source, settings, args.seeds.spec)
+
+
+def image_bytes(module: torch.nn.Module) -> int:
+    """Bytes of one uint8 RGB sample: the latent size times the first stage's upsampling."""
+    _, h, w = (int(v) for v in module.latent_shape.tolist())
+    factor = getattr(module.first_stage, "downsample_factor", 1) if module.first_stage is not None else 1
+    return 3 * h * w * factor * factor
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -96,7 +118,25 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     if module.first_stage is not None:
         check_tiling_args(args, module.first_stage)
+    # One writer per folder (rank 0 holds the lock for all ranks), one request's samples per folder.
+    try:
+        lock = output_lock(out, what="scripts/sample.py") if rank == 0 else contextlib.nullcontext()
+        with lock:
+            if rank == 0:
+                record = request_record(args, module)
+                check_sample_folder(out, record)
+                check_request_fits(len(seeds), image_bytes(module), out)
+                write_record(out, record)
+            sample_into(out, args, module, seeds, rank, world)
+    except (SampleFolderError, LockError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
 
+
+def sample_into(out: Path, args: argparse.Namespace, module: torch.nn.Module, seeds: Seeds, rank: int,
+                world: int) -> None:
     labels = labels_for_seeds(seeds, module.num_classes, args.class_label)
     counts = np.bincount(labels, minlength=module.num_classes) if labels is not None else None
     if counts is not None and args.class_label is None and counts.min() != counts.max():
@@ -118,5 +158,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(seeds)} samples: {out / 'images'}, {npz}, {out / 'grid.png'}")
     if world > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return 0
