@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 # Result keys of the random network's numbers: a distance between random features is not an FID/KID/rFID.
 RANDOM_METRIC_NAMES = {"fid": "random_feature_distance", "rfid": "random_feature_distance",
-                       "kid_mean": "random_kernel_distance_mean", "kid_std": "random_kernel_distance_std"}
+                       "kid_mean": "random_kernel_distance_mean", "kid_std": "random_kernel_distance_std",
+                       "probe_kid": "probe_random_kernel_distance"}
 
 
 # ------------------------------------------------------------------------------------------ detectors
