@@ -7,7 +7,7 @@ PHOTOS := /usr/share/games/endless-sky/images/land
 # Two CPU cores are the reference machine: keep BLAS/OpenMP from oversubscribing them.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup data data-fmnist data-photos test test-fast demo compare compare-full scale-study compare-dit bench gpu-extras clean help
+.PHONY: setup data data-fmnist data-photos test test-fast demo compare compare-full scale-study probe-study compare-dit bench gpu-extras clean help
 
 help:
 	@echo "make setup   create .venv with pinned packages"
@@ -16,6 +16,7 @@ help:
 	@echo "make compare LiteVAE vs SD-VAE: cost, reconstruction (Fashion-MNIST, photos), downstream LDM (CPU, <60 min)"
 	@echo "make compare-full the settled version: + LiteVAE-S widths, 1200/1500 steps, 3 repeats (CPU, hours: README)"
 	@echo "make scale-study  stage-1 photo study at compare-full's budget, 3 repeats (reuses its photo runs)"
+	@echo "make probe-study  do latent probes predict downstream FID? 10 first stages, 2 repeats (issue 26)"
 	@echo "make compare-dit  the same comparison with a DiT + flow-matching downstream model (reuses make compare's stage 1)"
 	@echo "make bench   all benchmark suites, quick CPU version"
 
@@ -72,6 +73,9 @@ compare-full: setup data
 scale-study: setup data
 	$(PY) scripts/ablate_stage1.py --steps 1200 --repeats 3 --only litevae lite_s sd_vae sd_5x_noquant \
 	  --out $(FULL_OUT)
+
+probe-study: setup data
+	$(PY) scripts/probe_study.py
 
 compare-dit: setup data
 	$(PY) scripts/compare_encoders.py --ldm-config configs/ldm/fmnist_dit_flow_tiny.yaml

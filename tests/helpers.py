@@ -315,6 +315,10 @@ class FakeCommands:
         elif script.endswith("eval_autoencoder.py"):
             v = self.value(arg(cmd, "--out"))
             self.json(arg(cmd, "--out"), {"results": [{"weights": "ema", "psnr": v, "ssim": v / 30, "rfid": 3.0}]})
+        elif script.endswith("probe_latents.py"):
+            v = self.value(arg(cmd, "--out"))
+            self.json(arg(cmd, "--out"), {"results": {"hf_ratio": v / 10, "eq_image_2": 1 / v, "mmd_100": v % 3,
+                                                      "probe_loss": 30 - v, "probe_random_kernel_distance": v / 100}})
         elif script.endswith("eval_fid.py"):
             v = self.value(arg(cmd, "--out"))
             self.json(arg(cmd, "--out"), {"fid": v / 2, "kid_mean": 0.01, "class_accuracy": v / 30,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from ldm import cli
-from ldm.tools.commands import cache_latents, eval_autoencoder, eval_fid, sample
+from ldm.tools.commands import cache_latents, eval_autoencoder, eval_fid, probe_latents, sample
 
 PY = sys.executable
 PathLike = str | Path
@@ -134,7 +134,24 @@ class EvalSamples(Stage):
     out: PathLike = flag("--out")
 
 
-STAGES = (Train, CacheLatents, Sample, EvalAutoencoder, EvalSamples)
+@dataclass(frozen=True, kw_only=True)
+class ProbeLatents(Stage):
+    """``scripts/probe_latents.py``: the latent probes of one first stage."""
+
+    SCRIPT: ClassVar[str] = "scripts/probe_latents.py"
+    PARSE: ClassVar = staticmethod(_parser(probe_latents.build_parser))
+    ae: PathLike = flag("--ae")
+    data: PathLike | None = flag("--data", default=None)
+    split: str | None = flag("--split", default=None)
+    max_samples: int | None = flag("--max-samples", default=None)
+    diffusion_steps: int | None = flag("--diffusion-steps", default=None)
+    detector: str | None = flag("--detector", default=None)
+    class_accuracy: bool = flag("--class-accuracy", default=False)
+    classifier_cache: PathLike | None = flag("--classifier-cache", default=None)
+    out: PathLike = flag("--out")
+
+
+STAGES = (Train, CacheLatents, Sample, EvalAutoencoder, EvalSamples, ProbeLatents)
 
 
 def parse_argv(argv: Sequence[str]) -> Any:

@@ -1,0 +1,197 @@
+"""The probe study (issue 26): do cheap latent probes predict what a full diffusion run measures?
+
+First stages that differ in reconstruction and in latent quality (``STUDY_ARMS``: the tiny LiteVAE, its old group
+setting, the LiteVAE-S widths, the 5x and the equal-size SD encoders, KL weight x0.1 and x10, the scale-equivariance
+regulariser; plus early checkpoints of the reference run) each get the comparison's full downstream result
+(``ldm.tools.compare``: stage 2, samples, FID/KID/class accuracy, with repeats) and every latent probe
+(``scripts/probe_latents.py``). The report gives each signal's Spearman rank correlation with each downstream
+metric across first stages, with a bootstrap 95 % interval, for the probes and for reconstruction PSNR/rFID alike,
+so it shows what a probe adds beyond reconstruction quality. Resumable like the comparison (``state.json``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from ldm.io import markdown_table, write_json_atomic
+from ldm.tools import compare
+from ldm.tools.compare import Arm, CompareOptions, checkpoint_at, measure_encoders, run_comparison
+from ldm.tools.pipeline import Pipeline
+from ldm.tools.stages import ProbeLatents
+
+_TINY, _LDM = "configs/autoencoder/litevae_tiny.yaml", "configs/ldm/fmnist_litevae_tiny.yaml"
+_ENCODER = "model.params.autoencoder.params.encoder_config.params"
+STUDY_ARMS = [
+    compare.KNOWN_ARMS["litevae"], compare.KNOWN_ARMS["lite_s"], compare.KNOWN_ARMS["sd_vae"],
+    compare.KNOWN_ARMS["sd_vae_equal"],
+    Arm("litevae_g8", "LiteVAE, 1 channel per group", _TINY, _LDM, [f"{_ENCODER}.norm_groups=8"]),
+    Arm("litevae_kl01", "LiteVAE, KL weight x0.1", _TINY, _LDM, ["model.params.loss.params.kl_weight=1.0e-7"]),
+    Arm("litevae_kl10", "LiteVAE, KL weight x10", _TINY, _LDM, ["model.params.loss.params.kl_weight=1.0e-5"]),
+    Arm("litevae_eq", "LiteVAE + scale equivariance", _TINY, _LDM, ["model.params.equivariance_weight=0.5"]),
+]
+SIGNALS = {  # what the report correlates with downstream quality: (section, key) -> label
+    ("probes", "hf_ratio"): "spectrum: HF fraction latents / images",
+    ("probes", "eq_image_2"): "equivariance error x2 (image)",
+    ("probes", "eq_image_1.33"): "equivariance error x4/3 (image)",
+    ("probes", "eq_latent_2"): "equivariance error x2 (latent)",
+    ("probes", "mmd_100"): "MMD² to N(0, I), σ=100",
+    ("probes", "linear_accuracy"): "linear-probe accuracy",
+    ("probes", "probe_loss"): "diffusion probe: validation loss",
+    ("probes", "probe_kid"): "diffusion probe: sample KID",
+    ("probes", "probe_class_accuracy"): "diffusion probe: sample class accuracy",
+    ("fmnist", "psnr"): "reconstruction PSNR",
+    ("fmnist", "rfid"): "reconstruction rFID",
+}
+TARGETS = {"fid": "FID", "kid": "KID", "accuracy": "class accuracy"}  # downstream metrics (comparison records)
+
+
+@dataclass
+class StudyOptions:
+    out_dir: str = "outputs/probe_study"
+    compare: CompareOptions = field(default_factory=lambda: CompareOptions(arms=list(STUDY_ARMS), photos=None))
+    checkpoint_fractions: tuple[float, ...] = (0.25, 0.5)  # early checkpoints of the reference arm, repeat 0
+    probe_samples: int = 512
+    diffusion_steps: int = 300
+    bootstrap: int = 2000
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def spearman_with_interval(x: Sequence[float], y: Sequence[float], resamples: int = 2000, seed: int = 0
+                           ) -> dict[str, float]:
+    """Spearman's ρ and a percentile bootstrap 95 % interval over the (x, y) pairs. Written out rather than
+    ``scipy.stats.bootstrap`` because a resample of few points can repeat one pair only (ρ undefined); those
+    resamples are dropped here instead of turning the whole interval into NaN."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    rho = float(spearmanr(x, y).statistic)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[idx])) > 1 and len(np.unique(y[idx])) > 1:
+            draws.append(spearmanr(x[idx], y[idx]).statistic)
+    low, high = np.nanpercentile(draws, [2.5, 97.5]) if draws else (float("nan"), float("nan"))
+    return {"rho": rho, "low": float(low), "high": float(high), "n": len(x)}
+
+
+def predicts(c: Mapping[str, float], threshold: float = 0.7) -> bool:
+    """The issue's bar: the interval excludes 0 and |ρ| >= 0.7."""
+    return abs(c["rho"]) >= threshold and (c["low"] > 0 or c["high"] < 0)
+
+
+# ------------------------------------------------------------------------------------------ the study
+def first_stages(pipe: Pipeline, opts: CompareOptions) -> dict[str, list[Path]]:
+    """Each arm's first stage per repeat, as the comparison recorded it (a pretrained arm's is its path)."""
+    return {arm.key: [compare.stage1(pipe, arm, opts, r) for r in range(opts.repeats)] for arm in opts.arms}
+
+
+def checkpoint_arms(reference: Arm, run: Path, opts: StudyOptions) -> list[Arm]:
+    """Early checkpoints of the reference arm's repeat-0 run, used as pretrained first stages."""
+    steps = [round(opts.compare.ae_steps * f) for f in opts.checkpoint_fractions] if opts.compare.ae_steps else []
+    return [Arm(f"{reference.key}_step{s}", f"{reference.label} at step {s}",
+                str(checkpoint_at(run, s, opts.compare.ae_steps)), reference.ldm_config) for s in steps]
+
+
+def probe(pipe: Pipeline, key: str, repeat: int, source: Path, opts: StudyOptions, detector: str) -> Path:
+    out = Path(opts.out_dir) / "probes" / f"{key}_r{repeat}.json"
+    classifier = {"class_accuracy": True, "classifier_cache": Path(opts.out_dir) / "classifier.pt"} \
+        if opts.compare.classifier else {}
+    pipe.command(f"{key}/r{repeat}/probes",
+                 ProbeLatents(ae=source, data=opts.compare.data, split="validation", max_samples=opts.probe_samples,
+                              diffusion_steps=opts.diffusion_steps, detector=detector, out=out, **classifier),
+                 outputs=lambda _: [out])
+    return out
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def arm_row(records: Sequence[Mapping[str, Any]], probe_files: Sequence[Path]) -> dict[str, Any]:
+    """One first stage's numbers: probes, reconstruction and downstream metrics, each the mean over repeats."""
+    probes = [_probe_values(json.loads(Path(p).read_text())["results"]) for p in probe_files]
+    row = {f"probes.{k}": _mean([p.get(k) for p in probes]) for k in {k for p in probes for k in p}}
+    for section in ("fmnist", "downstream"):
+        for k in {k for r in records for k in r.get(section, {})}:
+            row[f"{section}.{k}"] = _mean([r[section].get(k) for r in records])
+    return row
+
+
+def _probe_values(results: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar probe results; the random detector's kernel distance stands in for KID (named so in the report)."""
+    out = {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
+    if "probe_random_kernel_distance" in out:
+        out["probe_kid"] = out.pop("probe_random_kernel_distance")
+    return out
+
+
+def correlations(rows: Mapping[str, Mapping[str, Any]], resamples: int, seed: int) -> list[dict[str, Any]]:
+    out = []
+    for (section, key), label in SIGNALS.items():
+        for target, target_label in TARGETS.items():
+            pairs = [(r.get(f"{section}.{key}"), r.get(f"downstream.{target}")) for r in rows.values()]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if len(pairs) < 4:
+                continue
+            c = spearman_with_interval(*zip(*pairs), resamples=resamples, seed=seed)
+            out.append({"signal": label, "downstream": target_label, **c, "predicts": predicts(c)})
+    return out
+
+
+def run_study(opts: StudyOptions, make_pipeline: Callable[[Path, int], Pipeline] | None = None,
+              measure: Callable[[Mapping[str, str]], dict] = measure_encoders, command: str | None = None) -> Path:
+    """Both comparisons (trained arms, then early checkpoints), the probes, the correlations; returns report.md."""
+    out = Path(opts.out_dir)
+    make_pipeline = make_pipeline or (lambda d, jobs: Pipeline(d, threads=compare.threads_per_job(jobs)))
+    trained = replace(opts.compare, out_dir=str(out / "trained"))
+    pipe_trained = make_pipeline(Path(trained.out_dir), trained.jobs)
+    run_comparison(trained, pipe_trained, measure, command)
+    sources = first_stages(pipe_trained, trained)
+    checkpoints = replace(trained, out_dir=str(out / "checkpoints"),
+                          arms=checkpoint_arms(trained.arms[0], sources[trained.arms[0].key][0], opts))
+    if checkpoints.arms:
+        run_comparison(checkpoints, make_pipeline(Path(checkpoints.out_dir), checkpoints.jobs), measure, command)
+        sources.update({arm.key: [Path(arm.ae_config)] for arm in checkpoints.arms})
+    records = {**_records(trained), **(_records(checkpoints) if checkpoints.arms else {})}
+    pipe = make_pipeline(out, 1)
+    detector = pipe_trained.result("detector")["detector"]
+    probe_files = {key: [probe(pipe, key, r, src, opts, detector) for r, src in enumerate(srcs)]
+                   for key, srcs in sources.items()}
+    labels = {a.key: a.label for a in (*trained.arms, *checkpoints.arms)}
+    rows = {labels[k]: arm_row(records[k], probe_files[k]) for k in sources}
+    return write_study_report(out, rows, correlations(rows, opts.bootstrap, opts.seed), opts, command, detector)
+
+
+def _records(opts: CompareOptions) -> dict[str, list[dict]]:
+    return json.loads((Path(opts.out_dir) / "results.json").read_text())["records"]
+
+
+def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: Sequence[Mapping[str, Any]],
+                       opts: StudyOptions, command: str | None, detector: str) -> Path:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
+    table = [{"first stage": name, **{label: fmt(row.get(f"{s}.{k}")) for (s, k), label in SIGNALS.items()},
+              **{label: fmt(row.get(f"downstream.{t}")) for t, label in TARGETS.items()}} for name, row in rows.items()]
+    corr_rows = [{"signal": c["signal"], "downstream": c["downstream"], "ρ": f"{c['rho']:+.2f}",
+                  "95 % CI": f"[{c['low']:+.2f}, {c['high']:+.2f}]", "n": c["n"],
+                  "predicts": "yes" if c["predicts"] else "no"} for c in corr]
+    random_note = ("" if detector != "random" else "\n**Feature distances use a random network: FID/KID columns "
+                   "are random-feature distances, comparable within this study only.**\n")
+    lines = ["# Do latent probes predict downstream quality?", "",
+             f"Command: `{command or 'python scripts/probe_study.py'}`", random_note,
+             "A signal *predicts* a downstream metric when |ρ| >= 0.7 and its bootstrap 95 % interval excludes 0 "
+             "(Spearman over first stages; each value the mean over the comparison's repeats).", "",
+             "## Correlations", "", markdown_table(corr_rows, list(corr_rows[0]) if corr_rows else ["signal"]), "",
+             "## Every first stage", "", markdown_table(table, list(table[0]) if table else ["first stage"]), "",
+             f"Settings: `{json.dumps(dataclasses.asdict(opts), default=str)}`", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    write_json_atomic(out / "results.json", {"rows": rows, "correlations": list(corr), "detector": detector},
+                      indent=1, default=str)
+    return report
