@@ -39,7 +39,18 @@ _CLASSES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "AutoencoderKL": (lambda out: out.latent_dist, "block_out_channels"),
     "AutoencoderDC": (lambda out: PointPosterior(out.latent), "encoder_block_out_channels"),
     "AutoencoderTiny": (lambda out: PointPosterior(out.latents), "encoder_block_out_channels"),
+    # This repository's own autoencoders in diffusers format (autoencoder/diffusers_model.py, export --format
+    # diffusers): KL's interface; the model reports its downsampling factor itself.
+    "LiteVAEModel": (lambda out: out.latent_dist, None),
 }
+
+
+def _model_class(name: str) -> Any:
+    if name == "LiteVAEModel":
+        _import_diffusers()  # a clear message when diffusers is missing
+        from autoencoder.diffusers_model import LiteVAEModel
+        return LiteVAEModel
+    return getattr(_import_diffusers(), name)
 
 
 class DiffusersAutoencoder(nn.Module):
@@ -54,7 +65,8 @@ class DiffusersAutoencoder(nn.Module):
             raise ValueError(f"{name} is not a supported diffusers autoencoder ({', '.join(_CLASSES)})")
         self.vae = vae
         self._posterior, factor_key = _CLASSES[name]
-        self.downsample_factor = 2 ** (len(vae.config[factor_key]) - 1)
+        self.downsample_factor = int(vae.downsample_factor) if factor_key is None \
+            else 2 ** (len(vae.config[factor_key]) - 1)
 
     @property
     def encoder(self) -> nn.Module:
@@ -123,8 +135,8 @@ def load_diffusers_first_stage(folder: str | Path, device: str | torch.device = 
                          f"({', '.join(_CLASSES)})")
     # Without accelerate, diffusers warns on every load unless told to build the model the plain way.
     low_memory = importlib.util.find_spec("accelerate") is not None
-    vae = getattr(_import_diffusers(), name).from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                             low_cpu_mem_usage=low_memory)
+    vae = _model_class(name).from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                         low_cpu_mem_usage=low_memory)
     info = _identity(vae, weights)
     if expected_config is not None and dict(expected_config) != info["config"]:
         raise ValueError(f"{folder / CONFIG_NAME} is not the recorded config {dict(expected_config)}")
