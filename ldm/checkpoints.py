@@ -244,7 +244,9 @@ def export_first_stage(source: str | Path, out: str | Path, use_ema: bool = True
     save_file(state, str(out), metadata={"source": info["ckpt_path"], "sha256": info["sha256"],
                                          "weights": info["weights"], **export_metadata(Kind.AUTOENCODER_EXPORT)})
     sidecar = out.with_suffix(".yaml")
-    OmegaConf.save(OmegaConf.create({"model": {"params": {"autoencoder": info["config"]}}}), sidecar)
+    # A model built from other files (a distilled encoder's teacher) gives the config that rebuilds it alone.
+    config = model.release_config() if hasattr(model, "release_config") else info["config"]
+    OmegaConf.save(OmegaConf.create({"model": {"params": {"autoencoder": config}}}), sidecar)
     readable_like(out, sidecar)
     log.info("exported %s weights of %s to %s (+ %s)", info["weights"], info["ckpt_path"], out, sidecar.name)
     return out, sidecar

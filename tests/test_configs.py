@@ -129,6 +129,8 @@ def shrink(config: dict, assets: dict[str, str]) -> dict:
         config["latents"] = assets["cache"]
     if "images" in config:
         config["images"] = assets["images"]
+    if "teacher" in config:  # a distillation config: the tiny random LiteVAE as the teacher
+        config["teacher"] = assets["stage1"]
     _shrink_node(config, assets)
     trainer = config["lightning"].setdefault("trainer", {})
     trainer.update(max_steps=STEPS, log_every_n_steps=1, enable_progress_bar=False)
@@ -240,6 +242,8 @@ def true_size_counts(config_path: str) -> str:
             counts = [sum(count_params(m) for m in half if m is not None) for half in halves]
             disc = model.params.loss.params.get("discriminator")
             counts.append(count_params(instantiate_from_config(disc)) if disc else 0)
+        elif model.target.endswith("DistillationModule"):  # the student only: the decoder is the teacher's
+            counts = [count_params(instantiate_from_config(model.params.autoencoder.params.encoder_config))]
         else:
             counts = [count_params(instantiate_from_config(model.params.unet_config))]
     return " / ".join(f"{c:,}" for c in counts)
