@@ -81,3 +81,19 @@ def test_convergence_settles_only_on_a_steady_sign_and_significance_over_the_las
     assert convergence(welch_points((600, -1.0, True), (1200, -2.0, True)), 1200).crossing is None
     assert not convergence(welch_points((600, 1.0, True), (1200, -1.0, True)), 1200).settled
     assert convergence(welch_points((300, 1.0, True), (1200, 1.0, True)), 1200) is None  # one point in the last half
+
+
+def test_class_accuracy_differences_are_shown_in_the_units_of_its_cells():
+    """The table shows class accuracy in %: the verdict's detectable difference and convergence points are in
+    percentage points too (they were printed as fractions, 0.105 next to 86.5 %)."""
+    from ldm.tools.compare_report import METRICS, metric_verdict
+    accuracy = next(m for m in METRICS if m.key == "accuracy")
+
+    def rec(value, at_half):
+        return {"downstream": {"accuracy": value}, "curves": {"downstream": {5: {"accuracy": at_half},
+                                                                            10: {"accuracy": value}}}}
+    records = {"a": [rec(0.883, 0.80), rec(0.847, 0.82)], "b": [rec(0.840, 0.85), rec(0.853, 0.86)]}
+    _, text = metric_verdict(records, accuracy, "a", "b", {"a": "A", "b": "B"}, True, {"ldm_steps": 10})
+    detectable = detectable_difference(spread([0.883, 0.847]), spread([0.840, 0.853]))
+    assert f"detectable at this n: {100 * detectable:.3g} pp" in text and "86.5" in text
+    assert "+1.85 pp at 10" in text

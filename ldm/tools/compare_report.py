@@ -159,11 +159,12 @@ def metric_verdict(records: Mapping[str, Sequence[Mapping]], metric: Metric, ref
     else:
         key, outcome = "same", "no difference beyond the run-to-run spread"
     detectable = detectable_difference(a, b)
+    scale, unit = (100, " pp") if metric.key == "accuracy" else (1, "")  # as cell() shows the metric
     text = (f"{label(metric, comparable)} {cell(metric, a)} vs {cell(metric, b)}: {outcome} — {test.describe()}"
-            + ("" if math.isnan(detectable) else f"; detectable at this n: {detectable:.3g}"))
+            + ("" if math.isnan(detectable) else f"; detectable at this n: {detectable * scale:.3g}{unit}"))
     settled = metric_convergence(records, metric, ref, other, settings or {})
     if settled is not None:
-        text += f"; over the last half of the budget: {settled.describe()}"
+        text += f"; over the last half of the budget: {settled.describe(scale=scale, unit=unit)}"
         if not settled.settled:
             key = "moving"
     elif settings is not None:

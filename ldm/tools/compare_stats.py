@@ -107,11 +107,13 @@ class Convergence:
     slope: float
     crossing: float | None
 
-    def describe(self, fmt: str = "{:+.3g}") -> str:
-        shown = ", ".join(f"{fmt.format(w.difference)} at {s}{'*' if w.significant else ''}" for s, w in self.points)
+    def describe(self, fmt: str = "{:+.3g}", scale: float = 1.0, unit: str = "") -> str:
+        """``scale``/``unit``: how the metric is shown (class accuracy: 100, " pp")."""
+        show = lambda v: fmt.format(v * scale) + unit  # noqa: E731
+        shown = ", ".join(f"{show(w.difference)} at {s}{'*' if w.significant else ''}" for s, w in self.points)
         if self.settled:
             return f"settled ({shown}; * = p < {ALPHA})"
-        trend = f"trend {fmt.format(self.slope)} per 1,000 steps"
+        trend = f"trend {show(self.slope)} per 1,000 steps"
         if self.crossing is not None:
             trend += f", which would reach 0 at about {self.crossing:,.0f} steps"
         return f"still moving ({shown}; * = p < {ALPHA}; {trend})"
