@@ -137,3 +137,12 @@ def test_the_equivariance_regulariser_is_zero_for_an_equivariant_autoencoder_and
     assert any(r.get("train/eq") for r in csv_rows(run))
     with pytest.raises(ConfigError, match="equivariance_weight=-1"):
         build_module(equivariance_weight=-1.0)
+
+
+def test_the_diffusion_probe_leaves_the_global_random_state_alone():
+    """The stage-1 callback runs it inside training: it must not reseed the run's global generator."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    DiffusionProbe(steps=1, hidden_size=16, depth=1, num_heads=2).build((2, 4, 4), None)
+    assert torch.equal(torch.rand(3), expected)

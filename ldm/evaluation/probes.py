@@ -140,15 +140,16 @@ class DiffusionProbe:
     extra: dict = field(default_factory=dict)  # other DiT keyword arguments
 
     def build(self, shape: Sequence[int], num_classes: int | None) -> DiT:
-        torch.manual_seed(self.seed)
-        return DiT(input_size=tuple(shape[1:]), patch_size=self.patch_size, in_channels=shape[0],
-                   hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
-                   num_classes=num_classes, **self.extra)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG (a training run)
+            torch.manual_seed(self.seed)
+            return DiT(input_size=tuple(shape[1:]), patch_size=self.patch_size, in_channels=shape[0],
+                       hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                       num_classes=num_classes, **self.extra)
 
     def train(self, latents: torch.Tensor, labels: torch.Tensor | None = None,
               num_classes: int | None = None) -> DiT:
         """``latents`` normalised (N, C, h, w); the batches and the flow noise come from one seeded generator."""
-        model = self.build(latents.shape[1:], num_classes)
+        model = self.build(latents.shape[1:], num_classes).to(latents.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.learning_rate, weight_decay=0.0)
         generator = torch.Generator().manual_seed(self.seed)
         model.train()
@@ -166,11 +167,11 @@ class DiffusionProbe:
                         ) -> dict[str, float]:
         """Flow-matching loss at each of ``loss_times`` with noise drawn from a fixed seed, and their mean."""
         generator = torch.Generator().manual_seed(self.seed + 1)
-        eps = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        eps = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device)
         x0, cond = latents.float(), ({"y": labels} if labels is not None else {})
         out = {}
         for t in self.loss_times:
-            tt = torch.full((len(x0),), t)
+            tt = torch.full((len(x0),), t, device=x0.device)
             v = model(flow_interpolate(x0, eps, tt), flow_network_time(tt), **cond)
             out[f"probe_loss_t{t:g}"] = float(F.mse_loss(v.float(), flow_target(x0, eps)))
         out["probe_loss"] = sum(out.values()) / len(out)
@@ -180,9 +181,10 @@ class DiffusionProbe:
     def sample(self, model: DiT, shape: Sequence[int], num_classes: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``samples`` normalised latents from seeds 0.. with labels cycling through the classes (Euler)."""
-        labels = torch.arange(self.samples) % num_classes if num_classes else None
+        device = next(model.parameters()).device
+        labels = torch.arange(self.samples, device=device) % num_classes if num_classes else None
         latents = sample_flow(model, shape, list(range(self.samples)), sampler="euler", steps=self.sample_steps,
-                              cond={"y": labels} if labels is not None else None)
+                              cond={"y": labels} if labels is not None else None, device=device)
         return latents, labels
 
 
