@@ -14,6 +14,8 @@ pipelines that read it. diffusers is optional: importing this module needs it.
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -24,6 +26,8 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from autoencoder.model import Autoencoder
 from ldm.tiling import DEFAULT_OVERLAP, decode_tiled, encode_tiled
+
+log = logging.getLogger(__name__)
 
 
 class LiteVAEModel(ModelMixin, ConfigMixin):
@@ -113,3 +117,21 @@ class LiteVAEModel(ModelMixin, ConfigMixin):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)
+
+
+def export_diffusers(source: str, out: str, use_ema: bool = True, scaling_factor: float = 1.0,
+                     shift_factor: float | None = None) -> Path:
+    """Write a stage-1 run as a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) of
+    ``LiteVAEModel``, which every ``--ae`` / ``--first-stage`` reads back and diffusers pipelines take as their
+    ``vae``. ``scaling_factor`` / ``shift_factor`` go to its config (pipelines multiply latents by them; a latent
+    cache's manifest holds the dataset's values)."""
+    from ldm.checkpoints import load_first_stage
+    from ldm.first_stage.diffusers import diffusers_folder
+
+    if diffusers_folder(source) is not None:
+        raise ValueError(f"{source} is already a diffusers folder")
+    model, info = load_first_stage(source, use_ema=use_ema)
+    vae = LiteVAEModel.from_autoencoder(model, info["config"], scaling_factor=scaling_factor, shift_factor=shift_factor)
+    vae.save_pretrained(out, safe_serialization=True)
+    log.info("exported %s weights of %s as a diffusers folder %s", info["weights"], info["ckpt_path"], out)
+    return Path(out)

@@ -252,25 +252,6 @@ def export_first_stage(source: str | Path, out: str | Path, use_ema: bool = True
     return out, sidecar
 
 
-def export_first_stage_diffusers(source: str | Path, out: str | Path, use_ema: bool = True,
-                                 scaling_factor: float = 1.0, shift_factor: float | None = None) -> Path:
-    """Write a stage-1 run as a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) of
-    ``autoencoder.diffusers_model.LiteVAEModel``, which every ``--ae`` / ``--first-stage`` reads back and diffusers
-    pipelines take as their ``vae``. ``scaling_factor`` / ``shift_factor`` go to its config (pipelines multiply
-    latents by them; a latent cache's manifest holds the dataset's values)."""
-    from autoencoder.diffusers_model import LiteVAEModel
-
-    if diffusers_folder(source) is not None:
-        raise ValueError(f"{source} is already a diffusers folder")
-    model, info = load_first_stage(source, use_ema=use_ema)
-    vae = LiteVAEModel.from_autoencoder(model, info["config"], scaling_factor=scaling_factor,
-                                        shift_factor=shift_factor)
-    out = Path(out)
-    vae.save_pretrained(out, safe_serialization=True)
-    log.info("exported %s weights of %s as a diffusers folder %s", info["weights"], info["ckpt_path"], out)
-    return out
-
-
 def readable_like(path: Path, reference: Path) -> None:
     """Give ``path`` the permission bits of ``reference``: safetensors creates its files private (0600), while
     the config sidecar beside it gets the usual umask (e.g. 0644); a release is readable as a whole."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ldm.first_stage.posterior import PointPosterior
-from ldm.util import sha256_file
+from ldm.util import get_obj_from_str, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,14 @@ _CLASSES: dict[str, tuple[Callable[[Any], Any], str]] = {
 }
 
 
+# Classes of this repository saved in diffusers format, by their config's ``_class_name``: named by path, as
+# configs name their targets, so the library does not import the stage-1 package.
+_PROJECT_CLASSES = {"LiteVAEModel": "autoencoder.diffusers_model.LiteVAEModel"}
+
+
 def _model_class(name: str) -> Any:
-    if name == "LiteVAEModel":
-        _import_diffusers()  # a clear message when diffusers is missing
-        from autoencoder.diffusers_model import LiteVAEModel
-        return LiteVAEModel
-    return getattr(_import_diffusers(), name)
+    diffusers = _import_diffusers()  # a clear message when diffusers is missing
+    return get_obj_from_str(_PROJECT_CLASSES[name]) if name in _PROJECT_CLASSES else getattr(diffusers, name)
 
 
 class DiffusersAutoencoder(nn.Module):

@@ -18,7 +18,7 @@ import argparse
 import logging
 
 from ldm.artifacts import DIFFUSION_MODELS, Kind, require
-from ldm.checkpoints import export_diffusion, export_first_stage, export_first_stage_diffusers
+from ldm.checkpoints import export_diffusion, export_first_stage
 from ldm.tools.args import add_out
 
 
@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "diffusers":
         if kind in DIFFUSION_MODELS:
             raise SystemExit(f"error: --format diffusers exports first stages; {args.source} is a stage-2 model")
-        folder = export_first_stage_diffusers(args.source, args.out, use_ema=not args.no_ema,
-                                              scaling_factor=args.scaling_factor, shift_factor=args.shift_factor)
+        from autoencoder.diffusers_model import export_diffusers  # needs diffusers: only for this format
+
+        folder = export_diffusers(args.source, args.out, use_ema=not args.no_ema,
+                                  scaling_factor=args.scaling_factor, shift_factor=args.shift_factor)
         print(f"wrote {folder}")
         return 0
     export = export_diffusion if kind in DIFFUSION_MODELS else export_first_stage
