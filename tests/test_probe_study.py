@@ -62,6 +62,7 @@ def test_the_study_runs_every_first_stage_downstream_and_probes_it(tmp_path):
     assert {"spectrum: HF fraction latents / images", "reconstruction PSNR", "diffusion probe: sample KID"} <= signals
     text = report.read_text()
     assert "random network" in text and "| predicts |" in text
+    assert (tmp_path / "study" / "plots" / "signals_vs_fid.png").is_file() and "signals_vs_fid.png" in text
     # Resumed: nothing runs again
     again = StudyCommands()
     run_study(opts, make_pipeline=lambda d, jobs: Pipeline(d, echo=quiet, runner=again), measure=fake_measure)

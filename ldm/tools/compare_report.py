@@ -208,7 +208,7 @@ def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Map
 
 
 # ------------------------------------------------------------------------------------------ figures
-def _save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -242,7 +242,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, str | Path]]], panels: 
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bars(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str, str], comparable: bool,
@@ -261,7 +261,7 @@ def plot_bars(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str, str
             ax.scatter([i] * s.n, s.values, color="black", s=8, zorder=3)
         ax.set_xticks(range(len(spreads)), [labels[a] for a in spreads], fontsize=7, rotation=20)
         ax.set_title(f"{label(metric, comparable)}\n{metric.section}", fontsize=9)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_differences(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str, str], comparable: bool,
@@ -290,7 +290,7 @@ def plot_differences(records: Mapping[str, Sequence[Mapping]], labels: Mapping[s
         ax.set_title(f"{label(metric, comparable)} ({metric.section})\n{labels[ref]} minus", fontsize=8)
         ax.set_xlabel("step")
         ax.legend(fontsize=6)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def side_by_side(images: Mapping[str, str | Path], path: str | Path, gap: int = 8, caption: int = 16) -> Path:

@@ -22,6 +22,7 @@ from scipy.stats import spearmanr
 from ldm.io import markdown_table, write_json_atomic
 from ldm.tools import compare
 from ldm.tools.compare import Arm, CompareOptions, checkpoint_at, measure_encoders, run_comparison
+from ldm.tools.compare_report import save_figure
 from ldm.tools.pipeline import Pipeline
 from ldm.tools.stages import ProbeLatents
 
@@ -173,6 +174,28 @@ def _records(opts: CompareOptions) -> dict[str, list[dict]]:
     return json.loads((Path(opts.out_dir) / "results.json").read_text())["records"]
 
 
+def plot_signals(rows: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
+    """One scatter per signal: the signal (x) against downstream FID (y), a dot per first stage, with its ρ."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    signals = [(f"{s}.{k}", label) for (s, k), label in SIGNALS.items()
+               if sum(r.get(f"{s}.{k}") is not None and r.get("downstream.fid") is not None for r in rows.values()) >= 3]
+    if not signals:
+        return None
+    fig, axes = plt.subplots(1, len(signals), figsize=(2.6 * len(signals), 2.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], signals):
+        pairs = [(r[key], r["downstream.fid"]) for r in rows.values()
+                 if r.get(key) is not None and r.get("downstream.fid") is not None]
+        x, y = zip(*pairs)
+        ax.scatter(x, y, s=14)
+        ax.set_title(f"{label}\nρ = {spearmanr(x, y).statistic:+.2f}", fontsize=7)
+        ax.set_ylabel("downstream FID" if ax is axes[0][0] else "", fontsize=7)
+        ax.tick_params(labelsize=6)
+    return save_figure(fig, path)
+
+
 def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: Sequence[Mapping[str, Any]],
                        opts: StudyOptions, command: str | None, detector: str) -> Path:
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
@@ -181,6 +204,7 @@ def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: S
     corr_rows = [{"signal": c["signal"], "downstream": c["downstream"], "ρ": f"{c['rho']:+.2f}",
                   "95 % CI": f"[{c['low']:+.2f}, {c['high']:+.2f}]", "n": c["n"],
                   "predicts": "yes" if c["predicts"] else "no"} for c in corr]
+    figure = plot_signals(rows, out / "plots" / "signals_vs_fid.png")
     random_note = ("" if detector != "random" else "\n**Feature distances use a random network: FID/KID columns "
                    "are random-feature distances, comparable within this study only.**\n")
     lines = ["# Do latent probes predict downstream quality?", "",
@@ -189,6 +213,7 @@ def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: S
              "(Spearman over first stages; each value the mean over the comparison's repeats).", "",
              "## Correlations", "", markdown_table(corr_rows, list(corr_rows[0]) if corr_rows else ["signal"]), "",
              "## Every first stage", "", markdown_table(table, list(table[0]) if table else ["first stage"]), "",
+             *([f"![signals against downstream FID]({figure.relative_to(out).as_posix()})", ""] if figure else []),
              f"Settings: `{json.dumps(dataclasses.asdict(opts), default=str)}`", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
