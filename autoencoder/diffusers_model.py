@@ -34,7 +34,6 @@ class LiteVAEModel(ModelMixin, ConfigMixin):
     """``encode(x).latent_dist`` (sample / mode / mean / kl), ``decode(z).sample``, ``forward``; images in [-1, 1]."""
 
     config_name = "config.json"
-    _supports_gradient_checkpointing = False
 
     @register_to_config
     def __init__(self, encoder_config: Mapping[str, Any] | None = None,

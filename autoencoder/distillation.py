@@ -29,15 +29,14 @@ from ldm.ema import EMA
 from ldm.metrics.image import psnr
 from ldm.util import check_range, instantiate_from_config
 
-DIFFUSERS_TARGET = "diffusers."
-
 
 def build_first_stage(config: Mapping[str, Any]) -> nn.Module:
     """An autoencoder with fresh weights from an identity's ``{target, params}``: ours by target, a diffusers
     class (``diffusers.<Class>``) through its ``from_config``."""
+    from ldm.first_stage.diffusers import DIFFUSERS_TARGET, DiffusersAutoencoder, _model_class
+
     target = config["target"]
     if target.startswith(DIFFUSERS_TARGET):
-        from ldm.first_stage.diffusers import DiffusersAutoencoder, _model_class
         return DiffusersAutoencoder(_model_class(target[len(DIFFUSERS_TARGET):]).from_config(dict(config["params"])))
     return instantiate_from_config(dict(config), where="teacher_config")
 
@@ -103,13 +102,17 @@ class DistillationModule(pl.LightningModule):
                             ("reconstruction_weight", reconstruction_weight)):
             check_range(name, value, 0)
         check_range("ema_decay", ema_decay, 0, 1)
-        self.autoencoder = instantiate_from_config(dict(autoencoder), where="model.params.autoencoder")
-        source = self.autoencoder.teacher_source
-        if source is None:
+        from ldm.checkpoints import load_first_stage
+
+        params = dict(autoencoder.get("params") or {})
+        if params.get("teacher_source") is None:
             raise ValueError("model.params.autoencoder.params.teacher_source: distillation needs the teacher's "
                              "weights (a stage-1 run, export or diffusers folder)")
-        from ldm.checkpoints import load_first_stage
-        teacher, _ = load_first_stage(source)
+        teacher, info = load_first_stage(params["teacher_source"])  # read once: its config builds the decoder side
+        self.autoencoder = instantiate_from_config(
+            {"target": autoencoder["target"], "params": {**params, "teacher_config": params.get("teacher_config")
+                                                          or json.loads(json.dumps(info["config"]))}},
+            where="model.params.autoencoder")
         kept = self.autoencoder.teacher.state_dict().keys()
         self.autoencoder.teacher.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in kept})
         self._teacher = [teacher]  # a list: frozen, not a submodule, so never saved in the checkpoint
@@ -120,13 +123,11 @@ class DistillationModule(pl.LightningModule):
 
     @property
     def teacher(self) -> nn.Module:
+        """The frozen teacher on this module's device (not a submodule, so Lightning does not move it)."""
+        self._teacher[0] = self._teacher[0].to(self.device)
         return self._teacher[0]
 
-    def setup(self, stage: str) -> None:
-        self._teacher[0] = self.teacher.to(self.device)
-
     def on_train_start(self) -> None:
-        self._teacher[0] = self.teacher.to(self.device)
         if self.ema is not None:
             self.ema.update_after_each_step(self.autoencoder, self.trainer.optimizers[0])
 

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ldm.evaluation.probes import PROBES, DiffusionProbe, run_probes
+from ldm.evaluation.probes import PROBES, DiffusionProbe, first_images, run_probes
 from ldm.util import check_range
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,7 @@ class LatentProbes(pl.Callback):
             raise ValueError("latent probes need the DataModule's validation or train dataset")
         if hasattr(dataset, "__len__"):
             dataset = Subset(dataset, range(min(self.n_images, len(dataset))))
-        images, labels = [], []
-        for batch in DataLoader(dataset, batch_size=32):
-            images.append(batch["image"])
-            labels.extend(torch.as_tensor(batch["cls"]).tolist() if "cls" in batch else [])
-            if sum(len(x) for x in images) >= self.n_images:
-                break
-        self._images = torch.cat(images)[:self.n_images]
-        self._labels = torch.tensor(labels[:len(self._images)]) if len(labels) >= len(self._images) else None
+        self._images, self._labels = first_images(DataLoader(dataset, batch_size=32), self.n_images)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step

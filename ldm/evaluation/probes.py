@@ -15,8 +15,8 @@ Each probe takes images in [-1, 1] and/or latents (N, C, h, w) and returns plain
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,14 +137,13 @@ class DiffusionProbe:
     samples: int = 100
     sample_steps: int = 10
     seed: int = 0
-    extra: dict = field(default_factory=dict)  # other DiT keyword arguments
 
     def build(self, shape: Sequence[int], num_classes: int | None) -> DiT:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG (a training run)
             torch.manual_seed(self.seed)
             return DiT(input_size=tuple(shape[1:]), patch_size=self.patch_size, in_channels=shape[0],
                        hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
-                       num_classes=num_classes, **self.extra)
+                       num_classes=num_classes)
 
     def train(self, latents: torch.Tensor, labels: torch.Tensor | None = None,
               num_classes: int | None = None) -> DiT:
@@ -190,6 +189,21 @@ class DiffusionProbe:
 
 # ------------------------------------------------------------------------------------------ all probes at once
 PROBES = ("spectrum", "equivariance", "gaussian", "linear", "diffusion")
+
+
+def first_images(batches: Iterable[Any], n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``n`` images of ``batches`` (dicts with ``image``) and their ``cls`` labels when every batch has them:
+    the fixed subset the probes run on."""
+    images, labels = [], []
+    for batch in batches:
+        images.append(batch["image"])
+        if "cls" in batch:
+            labels.append(torch.as_tensor(batch["cls"]))
+        if sum(len(x) for x in images) >= n:
+            break
+    if not images:
+        raise ValueError("the data gave no images")
+    return torch.cat(images)[:n], (torch.cat(labels)[:n] if len(labels) == len(images) else None)
 
 
 @torch.no_grad()

@@ -18,14 +18,13 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-import torch
 from omegaconf import OmegaConf
 
 from ldm.artifacts import FIRST_STAGES, argument
 from ldm.checkpoints import load_first_stage, resolve_source
 from ldm.data.configs import dataset_config, deterministic
 from ldm.evaluation import build_detector, data_loader
-from ldm.evaluation.probes import PROBES, DiffusionProbe, run_probes
+from ldm.evaluation.probes import PROBES, DiffusionProbe, first_images, run_probes
 from ldm.evaluation.samples import reference_classifier
 from ldm.io import markdown_table
 from ldm.tools.args import add_device, add_out, finish, positive_int, start
@@ -54,19 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_images(data_cfg: dict, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first ``n`` images (and class labels when the dataset has them)."""
-    images, labels = [], []
-    for batch in data_loader(data_cfg, 64, max_samples=n):
-        images.append(batch["image"])
-        if "cls" in batch:
-            labels.append(torch.as_tensor(batch["cls"]))
-    if not images:
-        raise ValueError("the data gave no images")
-    x = torch.cat(images)[:n].to(device)
-    return x, (torch.cat(labels)[:n].to(device) if len(labels) == len(images) else None)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, device = start(build_parser(), argv)
     try:  # every file first: a missing one fails before any compute
@@ -76,11 +62,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         detector = build_detector(args.detector, device) if args.detector else None
         classifier = reference_classifier(dataset_config(config, "train"), args.classifier_cache, device=device) \
             if args.class_accuracy else None
-        images, labels = load_images(data_cfg, args.max_samples, device)
+        images, labels = first_images(data_loader(data_cfg, 64, max_samples=args.max_samples), args.max_samples)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {e}") from None
     probe = DiffusionProbe(steps=args.diffusion_steps, samples=args.diffusion_samples, seed=args.seed)
     autoencoder.eval()
+    images, labels = images.to(device), (labels.to(device) if labels is not None else None)
     results = run_probes(autoencoder, images, labels, args.probes, probe, detector, classifier, args.seed)
     report = {"command": sys.argv if argv is None else ["probe_latents.py", *argv],
               "autoencoder": {k: v for k, v in info.items() if k != "weights"}, "weights": info["weights"],
