@@ -97,3 +97,19 @@ def test_class_accuracy_differences_are_shown_in_the_units_of_its_cells():
     detectable = detectable_difference(spread([0.883, 0.847]), spread([0.840, 0.853]))
     assert f"detectable at this n: {100 * detectable:.3g} pp" in text and "86.5" in text
     assert "+1.85 pp at 10" in text
+
+
+def test_verdict_tests_every_pair_of_arms():
+    """With three arms the report tested only the first against each other, so the paper's second claim (LiteVAE-S
+    vs SD-VAE: arms 2 and 3 of make compare-full) had no line; every pair gets one now, in the arms' order."""
+    from ldm.tools.compare_report import verdict
+
+    def rec(psnr):
+        return {"fmnist": {"psnr": psnr}}
+    records = {"a": [rec(20.0), rec(20.2)], "b": [rec(21.0), rec(21.4)], "c": [rec(22.0), rec(22.1)]}
+    encoders = {k: {"encoder_params": p, "encoder_images_per_s": 100.0} for k, p in zip("abc", (1, 2, 3))}
+    labels = {"a": "A", "b": "B", "c": "C"}
+    text = "\n".join(verdict(records, encoders, labels, "toy", True))
+    one_liners = [line for line in text.splitlines() if line.startswith("**In one line:**")]
+    assert [line.split(":")[1].split("**")[-1].strip() for line in one_liners] == ["A vs B", "A vs C", "B vs C"]
+    assert "(C relative to B)" in text

@@ -70,7 +70,7 @@ EQUAL_SIZE_ARM = Arm("sd_vae_equal", "SD-VAE (equal size)", "configs/autoencoder
                      "configs/ldm/fmnist_sd_vae_tiny.yaml",
                      ["model.params.autoencoder.params.encoder_config.params.ch=16",
                       "model.params.autoencoder.params.encoder_config.params.ch_mult=[1,2,2,4]"])
-# The arms --arms picks by key (the first is the reference of every test).
+# The arms --arms picks by key (the first is the reference of the plots; the report tests every pair).
 KNOWN_ARMS = {arm.key: arm for arm in (*PAPER_RATIO_ARMS, LITE_S_ARM, EQUAL_SIZE_ARM)}
 
 

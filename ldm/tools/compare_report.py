@@ -5,6 +5,7 @@ redrawn without re-running a stage. ``compare_stats`` does the statistics.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -174,8 +175,9 @@ def metric_verdict(records: Mapping[str, Sequence[Mapping]], metric: Metric, ref
 
 def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Mapping], labels: Mapping[str, str],
             data_name: str, comparable: bool, settings: Mapping[str, Any] | None = None) -> list[str]:
-    """The report's opening: the paper's claims, point by point, for the first arm against each other arm."""
-    ref, *others = list(records)
+    """The report's opening: the paper's claims, point by point, for every pair of arms in their order (the first
+    against each other arm, then the second against the later ones: e.g. LiteVAE-S vs SD-VAE, the paper's other
+    claim, in a three-arm comparison)."""
     lines = ["## Verdict", "",
              f"The paper's claims (LiteVAE-B vs the SD-VAE encoder): a much cheaper encoder (Table 3), the same "
              f"reconstruction quality at an equal training budget (Table 1), and the same downstream quality "
@@ -185,7 +187,7 @@ def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Map
              f"test would find with 80 % power). Every metric measured at several points of its run is also judged "
              f"along the budget: *settled* when the difference keeps its sign and its significance over the last "
              f"half, *still moving* otherwise, with its trend.", ""]
-    for other in others:
+    for ref, other in itertools.combinations(records, 2):
         lines += cost_verdict(encoders, ref, other, labels)
         tally = {"better": 0, "worse": 0, "same": 0, "untested": 0, "moving": 0}
         for section in ("fmnist", "photos", "downstream"):

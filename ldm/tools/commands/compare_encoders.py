@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, help="data config: its train split is cached for stage 2, its "
                                                   "validation split is the evaluation reference")
     p.add_argument("--arm", nargs=4, action="append", metavar=("KEY", "LABEL", "AE", "LDM_CONFIG"),
-                   help="an encoder to compare (repeat; the first is the reference of every test; default: the "
-                        "tiny LiteVAE and the 5x SD-VAE encoder). AE: a "
+                   help="an encoder to compare (repeat; the first is the reference of the plots, every pair is "
+                        "tested; default: the tiny LiteVAE and the 5x SD-VAE encoder). AE: a "
                         "stage-1 config to train, or a pretrained first stage used as is (diffusers folder, "
                         "stage-1 run folder, .ckpt, .safetensors)")
     p.add_argument("--arms", nargs="+", choices=list(KNOWN_ARMS),
