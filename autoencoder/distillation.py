@@ -16,7 +16,6 @@ teacher's own.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
@@ -48,11 +47,10 @@ def _drop_encoder(autoencoder: nn.Module) -> None:
 
 
 def teacher_identity(source: str) -> dict[str, Any]:
-    """The teacher's ``{target, params}``, as its loader records it (through JSON: the form manifests hold)."""
+    """The teacher's ``{target, params}``, as its loader records it (plain containers, the form manifests hold)."""
     from ldm.checkpoints import load_first_stage
 
-    _, info = load_first_stage(source)
-    return json.loads(json.dumps(info["config"]))
+    return load_first_stage(source)[1]["config"]
 
 
 class DistilledAutoencoder(nn.Module):
@@ -111,7 +109,7 @@ class DistillationModule(pl.LightningModule):
         teacher, info = load_first_stage(params["teacher_source"])  # read once: its config builds the decoder side
         self.autoencoder = instantiate_from_config(
             {"target": autoencoder["target"], "params": {**params, "teacher_config": params.get("teacher_config")
-                                                          or json.loads(json.dumps(info["config"]))}},
+                                                          or info["config"]}},
             where="model.params.autoencoder")
         kept = self.autoencoder.teacher.state_dict().keys()
         self.autoencoder.teacher.load_state_dict({k: v for k, v in teacher.state_dict().items() if k in kept})

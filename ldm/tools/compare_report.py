@@ -210,9 +210,16 @@ def verdict(records: Mapping[str, Sequence[Mapping]], encoders: Mapping[str, Map
 
 
 # ------------------------------------------------------------------------------------------ figures
-def save_figure(fig, path: str | Path) -> Path:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend: reports are drawn on machines without a display."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def save_figure(fig, path: str | Path) -> Path:
+    plt = pyplot()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,9 +234,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, str | Path]]], panels: 
 
     ``runs[label]`` lists the repeats' run folders: ``runs[label][r][kind]``.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (kind, key, title) in zip(axes[0], panels):
@@ -250,9 +255,7 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, str | Path]]], panels: 
 def plot_bars(records: Mapping[str, Sequence[Mapping]], labels: Mapping[str, str], comparable: bool,
               path: str | Path) -> Path:
     """One subplot per metric: a bar per arm at the mean, an error bar of ± one std, the repeats as dots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = [m for m in METRICS if present(records, m)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.4 * len(metrics), 3.2), squeeze=False)
@@ -270,9 +273,7 @@ def plot_differences(records: Mapping[str, Sequence[Mapping]], labels: Mapping[s
                      path: str | Path) -> Path | None:
     """One subplot per metric measured at several points: the first arm minus each other arm against training
     steps, the mean over repeats with ± one standard error of the difference (Welch's), and the zero line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ref, *others = list(records)
     metrics = [m for m in METRICS if len(metric_points(records[ref], m)) >= 2]

@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 from ldm.io import markdown_table, write_json_atomic
 from ldm.tools import compare
 from ldm.tools.compare import Arm, CompareOptions, checkpoint_at, measure_encoders, run_comparison
-from ldm.tools.compare_report import save_figure
+from ldm.tools.compare_report import pyplot, save_figure
 from ldm.tools.pipeline import Pipeline
 from ldm.tools.stages import ProbeLatents
 
@@ -176,10 +176,7 @@ def _records(opts: CompareOptions) -> dict[str, list[dict]]:
 
 def plot_signals(rows: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
     """One scatter per signal: the signal (x) against downstream FID (y), a dot per first stage, with its ρ."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     signals = [(f"{s}.{k}", label) for (s, k), label in SIGNALS.items()
                if sum(r.get(f"{s}.{k}") is not None and r.get("downstream.fid") is not None for r in rows.values()) >= 3]
     if not signals:
