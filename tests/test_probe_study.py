@@ -10,7 +10,8 @@ from scipy.stats import bootstrap, spearmanr
 from helpers import FakeCommands, arg, fake_measure, quiet
 from ldm.tools.compare import CompareOptions
 from ldm.tools.pipeline import Pipeline
-from ldm.tools.probe_study import STUDY_ARMS, StudyOptions, predicts, run_study, spearman_with_interval
+from ldm.tools.probe_study import (STUDY_ARMS, StudyOptions, mean_row, predicts, repeat_agreement, run_study,
+                                   spearman_with_interval)
 
 
 def test_spearman_interval_agrees_with_scipys_bootstrap():
@@ -26,6 +27,25 @@ def test_spearman_interval_agrees_with_scipys_bootstrap():
     perfect = spearman_with_interval([1, 2, 3, 4], [10, 20, 30, 40], seed=0)
     assert perfect["rho"] == 1.0 and perfect["low"] > 0 and predicts(perfect)
     assert not predicts({"rho": 0.9, "low": -0.1, "high": 1.0}) and not predicts({"rho": 0.5, "low": 0.1, "high": 0.8})
+
+
+def test_repeat_agreement_says_whether_a_metric_orders_the_first_stages_the_same_way_twice():
+    # Six first stages: FID in the same order in both repeats, the probe in reversed order, PSNR scrambled; a
+    # seventh (a checkpoint: one first stage, so no probe in repeat 1) only counts where both repeats have a value.
+    fid = [[10 + i, 20 + 2 * i] for i in range(6)]
+    hf = [[i, 5 - i] for i in range(6)]
+    psnr = [[0, 3], [1, 0], [2, 5], [3, 1], [4, 4], [5, 2]]
+    per_repeat = {f"ae{i}": [{"downstream.fid": fid[i][r], "probes.hf_ratio": hf[i][r], "fmnist.psnr": psnr[i][r]}
+                             for r in range(2)] for i in range(6)}
+    per_repeat["checkpoint"] = [{"downstream.fid": 99.0, "probes.hf_ratio": 9.0}, {"downstream.fid": 99.0}]
+    got = {a["metric"]: a for a in repeat_agreement(per_repeat, resamples=500, seed=0)}
+    assert got["downstream FID"]["rho"] == 1.0 and got["downstream FID"]["n"] == 7 and got["downstream FID"]["agrees"]
+    assert got["spectrum: HF fraction latents / images"]["rho"] == -1.0 and got["spectrum: HF fraction latents / images"]["n"] == 6
+    assert not got["spectrum: HF fraction latents / images"]["agrees"]  # reversed is not agreement
+    assert got["reconstruction PSNR"]["rho"] == pytest.approx(spearmanr([0, 1, 2, 3, 4, 5], [3, 0, 5, 1, 4, 2]).statistic)
+    assert not got["reconstruction PSNR"]["agrees"]
+    assert "downstream KID" not in got  # no values: no line
+    assert mean_row(per_repeat["checkpoint"]) == {"downstream.fid": 99.0, "probes.hf_ratio": 9.0}
 
 
 class StudyCommands(FakeCommands):
@@ -61,7 +81,11 @@ def test_the_study_runs_every_first_stage_downstream_and_probes_it(tmp_path):
     signals = {c["signal"] for c in results["correlations"]}
     assert {"spectrum: HF fraction latents / images", "reconstruction PSNR", "diffusion probe: sample KID"} <= signals
     text = report.read_text()
-    assert "random network" in text and "| predicts |" in text
+    assert "random network" in text and "| predicts |" in text and "agree with itself across repeats" in text
+    # the fake gives each first stage the same values in both repeats: every metric that varies agrees with itself
+    agreement = {a["metric"]: a for a in results["repeat_agreement"] if not np.isnan(a["rho"])}
+    assert {"downstream FID", "reconstruction PSNR", "spectrum: HF fraction latents / images"} <= set(agreement)
+    assert all(a["rho"] == pytest.approx(1.0) and a["agrees"] for a in agreement.values())
     assert (tmp_path / "study" / "plots" / "signals_vs_fid.png").is_file() and "signals_vs_fid.png" in text
     # Resumed: nothing runs again
     again = StudyCommands()

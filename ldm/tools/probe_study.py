@@ -115,14 +115,40 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def arm_row(records: Sequence[Mapping[str, Any]], probe_files: Sequence[Path]) -> dict[str, Any]:
-    """One first stage's numbers: probes, reconstruction and downstream metrics, each the mean over repeats."""
+def repeat_rows(records: Sequence[Mapping[str, Any]], probe_files: Sequence[Path]) -> list[dict[str, Any]]:
+    """One first stage's numbers per repeat (probes of repeat r's first stage, repeat r's reconstruction and
+    downstream metrics); a checkpoint arm has one first stage, so its later repeats carry no probes."""
     probes = [_probe_values(json.loads(Path(p).read_text())["results"]) for p in probe_files]
-    row = {f"probes.{k}": _mean([p.get(k) for p in probes]) for k in {k for p in probes for k in p}}
-    for section in ("fmnist", "downstream"):
-        for k in {k for r in records for k in r.get(section, {})}:
-            row[f"{section}.{k}"] = _mean([r[section].get(k) for r in records])
-    return row
+    rows = []
+    for r in range(max(len(records), len(probes))):
+        row = {f"probes.{k}": v for k, v in (probes[r] if r < len(probes) else {}).items()}
+        record = records[r] if r < len(records) else {}
+        for section in ("fmnist", "downstream"):
+            row.update({f"{section}.{k}": v for k, v in record.get(section, {}).items()})
+        rows.append(row)
+    return rows
+
+
+def mean_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One first stage's numbers (``repeat_rows``), each the mean over repeats."""
+    return {k: _mean([r.get(k) for r in rows]) for k in {k for r in rows for k in r}}
+
+
+def repeat_agreement(per_repeat: Mapping[str, Sequence[Mapping[str, Any]]], resamples: int, seed: int
+                     ) -> list[dict[str, Any]]:
+    """Each signal's and downstream metric's Spearman ρ between repeat 0 and repeat 1 across first stages. A
+    downstream metric whose repeats do not agree (rho >= 0.7 with the interval above 0) on the order of the first stages cannot be predicted by anything
+    at this budget: its agreement bounds what a probe's correlation can mean."""
+    metrics = {**{f"{s}.{k}": label for (s, k), label in SIGNALS.items()},
+               **{f"downstream.{t}": f"downstream {label}" for t, label in TARGETS.items()}}
+    out = []
+    for key, label in metrics.items():
+        pairs = [(rows[0].get(key), rows[1].get(key)) for rows in per_repeat.values() if len(rows) >= 2]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if len(pairs) >= 4:
+            c = spearman_with_interval(*zip(*pairs), resamples=resamples, seed=seed)
+            out.append({"metric": label, **c, "agrees": c["rho"] >= 0.7 and c["low"] > 0})
+    return out
 
 
 def _probe_values(results: Mapping[str, Any]) -> dict[str, float]:
@@ -166,8 +192,10 @@ def run_study(opts: StudyOptions, make_pipeline: Callable[[Path, int], Pipeline]
     probe_files = {key: [probe(pipe, key, r, src, opts, detector) for r, src in enumerate(srcs)]
                    for key, srcs in sources.items()}
     labels = {a.key: a.label for a in (*trained.arms, *checkpoints.arms)}
-    rows = {labels[k]: arm_row(records[k], probe_files[k]) for k in sources}
-    return write_study_report(out, rows, correlations(rows, opts.bootstrap, opts.seed), opts, command, detector)
+    per_repeat = {labels[k]: repeat_rows(records[k], probe_files[k]) for k in sources}
+    rows = {name: mean_row(reps) for name, reps in per_repeat.items()}
+    return write_study_report(out, rows, correlations(rows, opts.bootstrap, opts.seed), opts, command, detector,
+                              repeat_agreement(per_repeat, opts.bootstrap, opts.seed))
 
 
 def _records(opts: CompareOptions) -> dict[str, list[dict]]:
@@ -194,13 +222,17 @@ def plot_signals(rows: Mapping[str, Mapping[str, Any]], path: Path) -> Path | No
 
 
 def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: Sequence[Mapping[str, Any]],
-                       opts: StudyOptions, command: str | None, detector: str) -> Path:
+                       opts: StudyOptions, command: str | None, detector: str,
+                       agreement: Sequence[Mapping[str, Any]] = ()) -> Path:
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
     table = [{"first stage": name, **{label: fmt(row.get(f"{s}.{k}")) for (s, k), label in SIGNALS.items()},
               **{label: fmt(row.get(f"downstream.{t}")) for t, label in TARGETS.items()}} for name, row in rows.items()]
     corr_rows = [{"signal": c["signal"], "downstream": c["downstream"], "ρ": f"{c['rho']:+.2f}",
                   "95 % CI": f"[{c['low']:+.2f}, {c['high']:+.2f}]", "n": c["n"],
                   "predicts": "yes" if c["predicts"] else "no"} for c in corr]
+    agree_rows = [{"metric": a["metric"], "ρ (repeat 0 vs 1)": f"{a['rho']:+.2f}",
+                   "95 % CI": f"[{a['low']:+.2f}, {a['high']:+.2f}]", "n": a["n"],
+                   "agrees": "yes" if a["agrees"] else "no"} for a in agreement]
     figure = plot_signals(rows, out / "plots" / "signals_vs_fid.png")
     random_note = ("" if detector != "random" else "\n**Feature distances use a random network: FID/KID columns "
                    "are random-feature distances, comparable within this study only.**\n")
@@ -209,11 +241,17 @@ def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: S
              "A signal *predicts* a downstream metric when |ρ| >= 0.7 and its bootstrap 95 % interval excludes 0 "
              "(Spearman over first stages; each value the mean over the comparison's repeats).", "",
              "## Correlations", "", markdown_table(corr_rows, list(corr_rows[0]) if corr_rows else ["signal"]), "",
+             *(["## Does each metric agree with itself across repeats?", "",
+                "Spearman between repeat 0 and repeat 1 over the first stages (other training and sample seeds). "
+                "A downstream metric that does not agree with itself (same bar: |ρ| >= 0.7, interval excluding 0) "
+                "does not order the first stages at this budget, so no signal can be shown to predict it.", "",
+                markdown_table(agree_rows, list(agree_rows[0])), ""] if agree_rows else []),
              "## Every first stage", "", markdown_table(table, list(table[0]) if table else ["first stage"]), "",
              *([f"![signals against downstream FID]({figure.relative_to(out).as_posix()})", ""] if figure else []),
              f"Settings: `{json.dumps(dataclasses.asdict(opts), default=str)}`", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))
-    write_json_atomic(out / "results.json", {"rows": rows, "correlations": list(corr), "detector": detector},
+    write_json_atomic(out / "results.json", {"rows": rows, "correlations": list(corr),
+                                             "repeat_agreement": list(agreement), "detector": detector},
                       indent=1, default=str)
     return report
