@@ -78,10 +78,13 @@ def test_the_study_runs_every_first_stage_downstream_and_probes_it(tmp_path):
     assert len(trained) == 16  # the checkpoint arms are not trained again
     results = json.loads((tmp_path / "study" / "results.json").read_text())
     assert len(results["rows"]) == 10
+    # per first stage: 8 arms x 2 trained repeats + 2 checkpoints, each probed once
+    assert {c["n"] for c in results["per_first_stage_correlations"] if c["signal"].startswith("spectrum")} == {18}
     signals = {c["signal"] for c in results["correlations"]}
     assert {"spectrum: HF fraction latents / images", "reconstruction PSNR", "diffusion probe: sample KID"} <= signals
     text = report.read_text()
     assert "random network" in text and "| predicts |" in text and "agree with itself across repeats" in text
+    assert "Correlations per first stage" in text
     # the fake gives each first stage the same values in both repeats: every metric that varies agrees with itself
     agreement = {a["metric"]: a for a in results["repeat_agreement"] if not np.isnan(a["rho"])}
     assert {"downstream FID", "reconstruction PSNR", "spectrum: HF fraction latents / images"} <= set(agreement)

@@ -194,8 +194,12 @@ def run_study(opts: StudyOptions, make_pipeline: Callable[[Path, int], Pipeline]
     labels = {a.key: a.label for a in (*trained.arms, *checkpoints.arms)}
     per_repeat = {labels[k]: repeat_rows(records[k], probe_files[k]) for k in sources}
     rows = {name: mean_row(reps) for name, reps in per_repeat.items()}
+    # Each probed first stage as its own point (a trained arm's repeats are different autoencoders; a checkpoint
+    # arm's repeats share one): its probes against the downstream result of its own latents.
+    instances = {f"{labels[k]} r{r}": per_repeat[labels[k]][r] for k in sources for r in range(len(probe_files[k]))}
     return write_study_report(out, rows, correlations(rows, opts.bootstrap, opts.seed), opts, command, detector,
-                              repeat_agreement(per_repeat, opts.bootstrap, opts.seed))
+                              repeat_agreement(per_repeat, opts.bootstrap, opts.seed),
+                              correlations(instances, opts.bootstrap, opts.seed))
 
 
 def _records(opts: CompareOptions) -> dict[str, list[dict]]:
@@ -223,13 +227,15 @@ def plot_signals(rows: Mapping[str, Mapping[str, Any]], path: Path) -> Path | No
 
 def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: Sequence[Mapping[str, Any]],
                        opts: StudyOptions, command: str | None, detector: str,
-                       agreement: Sequence[Mapping[str, Any]] = ()) -> Path:
+                       agreement: Sequence[Mapping[str, Any]] = (),
+                       per_instance: Sequence[Mapping[str, Any]] = ()) -> Path:
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
     table = [{"first stage": name, **{label: fmt(row.get(f"{s}.{k}")) for (s, k), label in SIGNALS.items()},
               **{label: fmt(row.get(f"downstream.{t}")) for t, label in TARGETS.items()}} for name, row in rows.items()]
-    corr_rows = [{"signal": c["signal"], "downstream": c["downstream"], "ρ": f"{c['rho']:+.2f}",
-                  "95 % CI": f"[{c['low']:+.2f}, {c['high']:+.2f}]", "n": c["n"],
-                  "predicts": "yes" if c["predicts"] else "no"} for c in corr]
+    corr_table = lambda cs: [{"signal": c["signal"], "downstream": c["downstream"], "ρ": f"{c['rho']:+.2f}",  # noqa: E731
+                              "95 % CI": f"[{c['low']:+.2f}, {c['high']:+.2f}]", "n": c["n"],
+                              "predicts": "yes" if c["predicts"] else "no"} for c in cs]
+    corr_rows, instance_rows = corr_table(corr), corr_table(per_instance)
     agree_rows = [{"metric": a["metric"], "ρ (repeat 0 vs 1)": f"{a['rho']:+.2f}",
                    "95 % CI": f"[{a['low']:+.2f}, {a['high']:+.2f}]", "n": a["n"],
                    "agrees": "yes" if a["agrees"] else "no"} for a in agreement]
@@ -241,6 +247,10 @@ def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: S
              "A signal *predicts* a downstream metric when |ρ| >= 0.7 and its bootstrap 95 % interval excludes 0 "
              "(Spearman over first stages; each value the mean over the comparison's repeats).", "",
              "## Correlations", "", markdown_table(corr_rows, list(corr_rows[0]) if corr_rows else ["signal"]), "",
+             *(["## Correlations per first stage (each probed autoencoder its own point)", "",
+                "A trained arm's repeats are different autoencoders (other training seeds); here each is one point, "
+                "its probes against the downstream result of its own latents (a checkpoint arm: repeat 0).", "",
+                markdown_table(instance_rows, list(instance_rows[0])), ""] if instance_rows else []),
              *(["## Does each metric agree with itself across repeats?", "",
                 "Spearman between repeat 0 and repeat 1 over the first stages (other training and sample seeds). "
                 "A downstream metric that does not agree with itself (same bar: |ρ| >= 0.7, interval excluding 0) "
@@ -252,6 +262,7 @@ def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: S
     report = out / "report.md"
     report.write_text("\n".join(lines))
     write_json_atomic(out / "results.json", {"rows": rows, "correlations": list(corr),
+                                             "per_first_stage_correlations": list(per_instance),
                                              "repeat_agreement": list(agreement), "detector": detector},
                       indent=1, default=str)
     return report
