@@ -92,6 +92,20 @@ def test_torchrun_two_processes_equal_one(run, tmp_path):
     np.testing.assert_array_equal(ddp["labels"], single["labels"])
 
 
+@pytest.mark.slow
+def test_torchrun_refuses_a_foreign_folder_on_every_rank_before_any_writes(run, tmp_path):
+    """Rank 0 checks the folder; the other ranks used to start sampling regardless and write into the folder
+    rank 0 refused (and, in a fresh folder, their first PNG could make rank 0 refuse its own folder)."""
+    images = tmp_path / "foreign" / "images"
+    images.mkdir(parents=True)
+    (images / "000000.png").write_bytes(b"not ours")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+           str(run), "--out", str(tmp_path / "foreign"), *COMMON, "--batch", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "already holds samples" in proc.stderr
+    assert [p.name for p in images.iterdir()] == ["000000.png"]  # nothing written by any rank
+
+
 def test_stage2_export_samples_like_the_run(run, tmp_path):
     """scripts/export.py on a stage-2 run: EMA UNet + normalisation as .safetensors + sidecar, sampled exactly
     like the run's EMA weights, and without the EMA copy (smaller)."""

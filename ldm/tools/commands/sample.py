@@ -118,21 +118,36 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}") from None
     if module.first_stage is not None:
         check_tiling_args(args, module.first_stage)
-    # One writer per folder (rank 0 holds the lock for all ranks), one request's samples per folder.
-    try:
-        lock = output_lock(out, what="scripts/sample.py") if rank == 0 else contextlib.nullcontext()
-        with lock:
-            if rank == 0:
+    # One writer per folder (rank 0 holds the lock for all ranks), one request's samples per folder. Rank 0 claims
+    # the folder and every rank hears its verdict before any rank writes an image: otherwise another rank's first
+    # PNG can land before rank 0's check, which then sees images without samples.json and refuses its own folder.
+    with contextlib.ExitStack() as held:
+        error = None
+        if rank == 0:
+            try:
+                held.enter_context(output_lock(out, what="scripts/sample.py"))
                 record = request_record(args, module)
                 check_sample_folder(out, record)
                 check_request_fits(len(seeds), image_bytes(module), out)
                 write_record(out, record)
-            sample_into(out, args, module, seeds, rank, world)
-    except (SampleFolderError, LockError) as err:
-        raise SystemExit(f"error: {err}") from None
+            except (SampleFolderError, LockError) as err:
+                error = str(err)
+        error = from_rank0(error, world)
+        if error is not None:
+            raise SystemExit(f"error: {error}")
+        sample_into(out, args, module, seeds, rank, world)
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def from_rank0(value: str | None, world: int) -> str | None:
+    """Rank 0's ``value`` on every rank (as is without a process group)."""
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sample_into(out: Path, args: argparse.Namespace, module: torch.nn.Module, seeds: Seeds, rank: int,
