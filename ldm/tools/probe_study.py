@@ -137,8 +137,8 @@ def mean_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def repeat_agreement(per_repeat: Mapping[str, Sequence[Mapping[str, Any]]], resamples: int, seed: int
                      ) -> list[dict[str, Any]]:
     """Each signal's and downstream metric's Spearman ρ between repeat 0 and repeat 1 across first stages. A
-    downstream metric whose repeats do not agree (rho >= 0.7 with the interval above 0) on the order of the first stages cannot be predicted by anything
-    at this budget: its agreement bounds what a probe's correlation can mean."""
+    downstream metric whose repeats do not agree on the order of the first stages (ρ >= 0.7 with the interval above
+    0) cannot be shown to be predicted by anything at this budget: its agreement bounds what a correlation means."""
     metrics = {**{f"{s}.{k}": label for (s, k), label in SIGNALS.items()},
                **{f"downstream.{t}": f"downstream {label}" for t, label in TARGETS.items()}}
     out = []
@@ -197,8 +197,10 @@ def run_study(opts: StudyOptions, make_pipeline: Callable[[Path, int], Pipeline]
     # Each probed first stage as its own point (a trained arm's repeats are different autoencoders; a checkpoint
     # arm's repeats share one): its probes against the downstream result of its own latents.
     instances = {f"{labels[k]} r{r}": per_repeat[labels[k]][r] for k in sources for r in range(len(probe_files[k]))}
+    # Agreement across repeats only where the repeats are different autoencoders (not a checkpoint arm's shared one).
+    retrained = {labels[k]: per_repeat[labels[k]] for k in sources if len(probe_files[k]) >= 2}
     return write_study_report(out, rows, correlations(rows, opts.bootstrap, opts.seed), opts, command, detector,
-                              repeat_agreement(per_repeat, opts.bootstrap, opts.seed),
+                              repeat_agreement(retrained, opts.bootstrap, opts.seed),
                               correlations(instances, opts.bootstrap, opts.seed))
 
 
@@ -232,13 +234,12 @@ def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: S
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else v  # noqa: E731
     table = [{"first stage": name, **{label: fmt(row.get(f"{s}.{k}")) for (s, k), label in SIGNALS.items()},
               **{label: fmt(row.get(f"downstream.{t}")) for t, label in TARGETS.items()}} for name, row in rows.items()]
-    corr_table = lambda cs: [{"signal": c["signal"], "downstream": c["downstream"], "ρ": f"{c['rho']:+.2f}",  # noqa: E731
-                              "95 % CI": f"[{c['low']:+.2f}, {c['high']:+.2f}]", "n": c["n"],
+    rho = lambda c: {"ρ": f"{c['rho']:+.2f}", "95 % CI": f"[{c['low']:+.2f}, {c['high']:+.2f}]",  # noqa: E731
+                     "n": c["n"]}
+    corr_table = lambda cs: [{"signal": c["signal"], "downstream": c["downstream"], **rho(c),  # noqa: E731
                               "predicts": "yes" if c["predicts"] else "no"} for c in cs]
     corr_rows, instance_rows = corr_table(corr), corr_table(per_instance)
-    agree_rows = [{"metric": a["metric"], "ρ (repeat 0 vs 1)": f"{a['rho']:+.2f}",
-                   "95 % CI": f"[{a['low']:+.2f}, {a['high']:+.2f}]", "n": a["n"],
-                   "agrees": "yes" if a["agrees"] else "no"} for a in agreement]
+    agree_rows = [{"metric": a["metric"], **rho(a), "agrees": "yes" if a["agrees"] else "no"} for a in agreement]
     figure = plot_signals(rows, out / "plots" / "signals_vs_fid.png")
     random_note = ("" if detector != "random" else "\n**Feature distances use a random network: FID/KID columns "
                    "are random-feature distances, comparable within this study only.**\n")
@@ -252,9 +253,10 @@ def write_study_report(out: Path, rows: Mapping[str, Mapping[str, Any]], corr: S
                 "its probes against the downstream result of its own latents (a checkpoint arm: repeat 0).", "",
                 markdown_table(instance_rows, list(instance_rows[0])), ""] if instance_rows else []),
              *(["## Does each metric agree with itself across repeats?", "",
-                "Spearman between repeat 0 and repeat 1 over the first stages (other training and sample seeds). "
-                "A downstream metric that does not agree with itself (same bar: |ρ| >= 0.7, interval excluding 0) "
-                "does not order the first stages at this budget, so no signal can be shown to predict it.", "",
+                "Spearman ρ between repeat 0 and repeat 1 over the retrained recipes (other training and sample "
+                "seeds; the checkpoint arms, one autoencoder each, are left out). A downstream metric that does not "
+                "agree with itself (ρ >= 0.7 with the interval above 0) does not order the recipes at this budget, "
+                "so no signal can be shown to predict its per-recipe mean.", "",
                 markdown_table(agree_rows, list(agree_rows[0])), ""] if agree_rows else []),
              "## Every first stage", "", markdown_table(table, list(table[0]) if table else ["first stage"]), "",
              *([f"![signals against downstream FID]({figure.relative_to(out).as_posix()})", ""] if figure else []),
