@@ -131,7 +131,7 @@ def repeat_rows(records: Sequence[Mapping[str, Any]], probe_files: Sequence[Path
 
 def mean_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One first stage's numbers (``repeat_rows``), each the mean over repeats."""
-    return {k: _mean([r.get(k) for r in rows]) for k in {k for r in rows for k in r}}
+    return {k: _mean([r.get(k) for r in rows]) for k in dict.fromkeys(k for r in rows for k in r)}  # first-seen order
 
 
 def repeat_agreement(per_repeat: Mapping[str, Sequence[Mapping[str, Any]]], resamples: int, seed: int
