@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.artifacts import DIFFUSION_MODELS, FIRST_STAGES, Kind, export_metadata, require
+from ldm.artifact_kinds import DIFFUSION_MODELS, FIRST_STAGES, Kind, export_metadata, require
 from ldm.cache.manifest import read_latent_stats
 from ldm.first_stage import DIFFUSERS_TARGET, diffusers_folder, load_diffusers_first_stage
 from ldm.util import (ConfigError, get_obj_from_str, instantiate_from_config, load_state_dict, load_weights,

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ldm.callbacks import CheckpointOnSignal, ImageLogger, SetupCallback, ThroughputMonitor, ValidateAtLastStep
-from ldm.checkpoint_io import AtomicCheckpointIO
+from ldm.atomic_checkpoint_io import AtomicCheckpointIO
 from ldm.util import ConfigError, NonFiniteLossError, instantiate_from_config, load_state_dict, load_weights
 
 log = logging.getLogger("ldm")

@@ -1,6 +1,7 @@
 """A sample folder knows what made it: ``samples.json`` records the model, its first stage, the settings and the
 seeds, so that one folder never mixes two runs' samples (an FID over it would score both), and so that an
-interrupted ``scripts/sample.py`` can be re-run into it. Also the check that a request fits in memory and on disk
+interrupted ``scripts/sample.py`` can be re-run into it. Its files (PNGs per seed, ``samples.npz``, ``grid.png``)
+are written and read here. Also the check that a request fits in memory and on disk
 before anything is sampled.
 """
 from __future__ import annotations
@@ -9,9 +10,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from ldm.artifacts import Kind
+import numpy as np
+from PIL import Image
+
+from ldm.artifact_kinds import Kind
+from ldm.io import write_samples_npz
+from ldm.util import image_grid
 
 RECORD_NAME = "samples.json"
 FORMAT = "litevae-samples/1"
@@ -84,3 +90,27 @@ def check_request_fits(count: int, image_bytes: int, out: Path) -> None:
     if 2 * need > disk:
         raise SampleFolderError(f"{count:,} samples of {image_bytes:,} bytes need up to {gib(2 * need)} on disk "
                                 f"(PNGs and samples.npz), and {out} has {gib(disk)} free")
+
+
+def png_name(seed: int) -> str:
+    return f"{seed:06d}.png"
+
+
+def write_pngs(folder: str | Path, images: np.ndarray, seeds: Sequence[int]) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, seed in zip(images, seeds):
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(folder / png_name(seed))
+
+
+def read_pngs(folder: str | Path, seeds: Sequence[int]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(Path(folder) / png_name(s)).convert("RGB")) for s in seeds])
+
+
+def write_outputs(outdir: str | Path, images: np.ndarray, seeds: Sequence[int], labels: np.ndarray | None) -> Path:
+    """``samples.npz`` (``arr_0`` uint8 NHWC, ``seeds``[, ``labels``]) and ``grid.png`` in ``outdir``."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    npz = write_samples_npz(outdir / "samples.npz", images, seeds, labels)
+    Image.fromarray(image_grid(images[:64])).save(outdir / "grid.png")
+    return npz

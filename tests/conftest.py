@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+
+from lab.stages import script
 
 ROOT = Path(__file__).resolve().parents[1]
 LITEVAE_TINY = str(ROOT / "configs/autoencoder/litevae_tiny.yaml")
@@ -36,8 +37,8 @@ def _small_torch():
 
 
 def command_module(name: str):
-    """``scripts/<name>.py``'s code: its parser and ``main`` (``ldm.tools.commands.<name>``)."""
-    return importlib.import_module(f"ldm.tools.commands.{name}")
+    """``scripts/<name>.py``'s code: its parser and ``main``, loaded as the pipeline's stages load it."""
+    return script(name)
 
 
 def subprocess_env() -> dict[str, str]:

@@ -24,8 +24,8 @@ from ldm.checkpoints import load_first_stage
 from ldm.data.images import ImageFolder
 from ldm.cache.writer import CacheOptions, cache_latents, tar_key
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.tools.pipeline import timestamp
-from ldm.tools.stages import parse_argv
+from lab.pipeline import timestamp
+from lab.stages import parse_argv
 from ldm.util import instantiate_from_config
 
 

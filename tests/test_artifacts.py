@@ -246,7 +246,7 @@ def test_a_stage2_model_given_where_an_autoencoder_belongs_is_named(world, tmp_p
 
 def test_exports_say_what_they_are_and_are_readable_like_their_config(world, tmp_path):
     """Before: the .safetensors was written 0600 while the .yaml beside it was 0644."""
-    from ldm.artifacts import Kind, identify
+    from ldm.artifact_kinds import Kind, identify
 
     old = os.umask(0o022)
     try:
@@ -319,7 +319,7 @@ def test_a_sample_folder_holds_one_requests_samples(world, tmp_path):
 
 def test_an_impossible_seed_request_fails_before_sampling(world, tmp_path):
     """Before: --seeds 0-999999999 was killed by the OOM killer at ~23 GB with no message."""
-    from ldm.sampling import parse_seeds
+    from ldm.generate import parse_seeds
 
     seeds = parse_seeds("0-999999999")
     assert len(seeds) == 10 ** 9 and seeds[123_456_789] == 123_456_789  # nothing expanded
@@ -358,7 +358,7 @@ def test_exports_made_before_they_recorded_their_kind_are_still_recognised_and_l
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from ldm.artifacts import Kind, identify
+    from ldm.artifact_kinds import Kind, identify
     from ldm.checkpoints import load_diffusion, load_first_stage, read_diffusion_checkpoint
 
     for run, name, kind in ((world["stage1_a"], "ae", Kind.AUTOENCODER_EXPORT),

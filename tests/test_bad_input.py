@@ -99,7 +99,7 @@ def test_checkpoint_write_that_fails_keeps_the_old_file_whole(tmp_path, monkeypa
 
     import torch
 
-    from ldm.checkpoint_io import AtomicCheckpointIO
+    from ldm.atomic_checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
@@ -179,7 +179,7 @@ def test_resuming_a_copied_run_keeps_one_atomic_last_ckpt(tmp_path, monkeypatch)
 
     from conftest import STAGE1_TEST_OVERRIDES
     from ldm import cli
-    from ldm.checkpoint_io import AtomicCheckpointIO
+    from ldm.atomic_checkpoint_io import AtomicCheckpointIO
 
     io_used = []
     real_fit = pl.Trainer.fit

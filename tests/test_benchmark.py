@@ -1,4 +1,4 @@
-"""Smoke test of scripts/benchmark.py (ldm.tools.commands.benchmark): every suite runs at tiny sizes and reports every ratio.
+"""Smoke test of scripts/benchmark.py (scripts.benchmark): every suite runs at tiny sizes and reports every ratio.
 
 Not a timing test (DESIGN.md §4): speed is measured by the script itself, never asserted here. The
 numbers that can be checked against a reference are: the DWT error against ptwt, and the saved-bytes
@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.tools.bench.measure import count_saved_bytes
-from ldm.tools.bench import roofline
-from ldm.tools.commands import benchmark
+from lab.bench.measure import count_saved_bytes
+from lab.bench import roofline
+from lab.stages import script
+
+benchmark = script("benchmark")
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIO_KEYS = {
@@ -78,7 +80,7 @@ def test_roofline_suite_bounds(tmp_path):
 @pytest.mark.slow
 def test_train_speed_suite_rows():
     """The training-step suite (issue 22) runs stage-1 and stage-2 variants through pl.Trainer."""
-    from ldm.tools.bench.train_speed import VARIANTS, run
+    from lab.bench.train_speed import VARIANTS, run
 
     rows = run([VARIANTS[0], VARIANTS[1], VARIANTS[3]], steps=1, warmup=1, repeats=1)
     assert rows[0]["name"].startswith("reference") and rows[0]["gflop_per_step"] > 100

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ldm.tools.compare_stats import Spread, Welch, convergence, detectable_difference, spread, welch
+from lab.compare_stats import Spread, Welch, convergence, detectable_difference, spread, welch
 
 
 def direct_welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -86,7 +86,7 @@ def test_convergence_settles_only_on_a_steady_sign_and_significance_over_the_las
 def test_class_accuracy_differences_are_shown_in_the_units_of_its_cells():
     """The table shows class accuracy in %: the verdict's detectable difference and convergence points are in
     percentage points too (they were printed as fractions, 0.105 next to 86.5 %)."""
-    from ldm.tools.compare_report import METRICS, metric_verdict
+    from lab.compare_report import METRICS, metric_verdict
     accuracy = next(m for m in METRICS if m.key == "accuracy")
 
     def rec(value, at_half):
@@ -102,7 +102,7 @@ def test_class_accuracy_differences_are_shown_in_the_units_of_its_cells():
 def test_verdict_tests_every_pair_of_arms():
     """With three arms the report tested only the first against each other, so the paper's second claim (LiteVAE-S
     vs SD-VAE: arms 2 and 3 of make compare-full) had no line; every pair gets one now, in the arms' order."""
-    from ldm.tools.compare_report import verdict
+    from lab.compare_report import verdict
 
     def rec(psnr):
         return {"fmnist": {"psnr": psnr}}

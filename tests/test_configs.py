@@ -32,8 +32,8 @@ from ldm import cli
 from ldm.checkpoints import load_diffusion, load_first_stage
 from ldm.data.images import ImageFolder
 from ldm.cache.writer import CacheOptions, cache_latents
-from ldm.sampling import generate
-from ldm.tools.ablation import read_plan
+from ldm.generate import generate
+from lab.ablation import read_plan
 from ldm.util import count_params, instantiate_from_config
 from helpers import TINY_TEXT, make_stage1_run
 

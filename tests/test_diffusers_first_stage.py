@@ -24,9 +24,9 @@ from ldm import cli
 from ldm.checkpoints import export_first_stage, first_stage_identity, first_stage_mismatch, load_first_stage
 from ldm.cache.manifest import Manifest
 from ldm.first_stage import DiffusersAutoencoder
-from ldm.tools import compare
-from ldm.tools.compare import Arm, CompareOptions
-from ldm.tools.pipeline import Pipeline
+from lab import compare
+from lab.compare import Arm, CompareOptions
+from lab.pipeline import Pipeline
 from ldm.util import instantiate_from_config, sha256_file
 from helpers import FakeCommands, SIZE, fake_measure, make_images, quiet, run_folder, stage2_config, write_config
 

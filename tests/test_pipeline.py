@@ -1,4 +1,4 @@
-"""Resumable pipeline stages (ldm.tools.pipeline) and the encoder-comparison report (ldm.tools.compare), with fake commands.
+"""Resumable pipeline stages (lab.pipeline) and the encoder-comparison report (lab.compare), with fake commands.
 
 A real end-to-end ``compare_encoders.py`` needs ~14 fresh Python processes (each importing torch and Lightning)
 and does not fit a test's budget on two cores; here every command is replaced by a fake that writes the
@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import command_module
-from ldm.tools import compare
-from ldm.tools.compare import Arm, CompareOptions, budget_overrides, repeat_seeds
-from ldm.tools.compare_report import class_grid, side_by_side
-from ldm.tools.pipeline import Pipeline, curve, display, manifest_summary, read_metrics, resumable_run
-from ldm.tools.stages import PY, Train
+from lab import compare
+from lab.compare import Arm, CompareOptions, budget_overrides, repeat_seeds
+from lab.plots import class_grid, side_by_side
+from lab.pipeline import Pipeline, curve, display, manifest_summary, read_metrics, resumable_run
+from lab.stages import PY, Train, script
 from helpers import FakeCommands, Interrupt, arg, fake_measure, fake_run, quiet, write_csv
 
 
@@ -266,7 +266,7 @@ def test_compare_resumes_after_an_interruption(tmp_path):
 
 
 def test_ablation_trains_every_variant_with_its_overrides_on_the_plan_data(tmp_path):
-    from ldm.tools.ablation import AblationOptions, read_plan, run_ablation
+    from lab.ablation import AblationOptions, read_plan, run_ablation
 
     plan = "configs/ablations/photos_stage1.yaml"
     data, variants = read_plan(plan)
@@ -291,7 +291,7 @@ def test_ablation_trains_every_variant_with_its_overrides_on_the_plan_data(tmp_p
 def test_the_ablation_plan_trains_the_comparisons_arms_alike():
     """The scale study reuses a comparison's photo runs by key: a plan variant keyed like a comparison arm must be
     that arm (same config, same overrides), or the reused run would be another encoder than the report says."""
-    from ldm.tools.ablation import read_plan
+    from lab.ablation import read_plan
 
     _, variants = read_plan("configs/ablations/photos_stage1.yaml")
     shared = [v for v in variants if v.key in compare.KNOWN_ARMS]
@@ -315,7 +315,7 @@ def test_arms_are_picked_by_key_and_extended_by_arm():
 def test_an_ablation_in_a_comparisons_folder_reuses_its_photo_runs_and_keeps_its_report(tmp_path):
     """The documented route (ablate_stage1.py --out <make compare's folder>): the arms' photo runs are not trained
     again, and the comparison's report.md / results.json are left as they were."""
-    from ldm.tools.ablation import AblationOptions, run_ablation
+    from lab.ablation import AblationOptions, run_ablation
 
     opts = options(tmp_path, repeats=1, photos="configs/data/photos64.yaml", arms=compare.PAPER_RATIO_ARMS)
     compare.run_comparison(opts, Pipeline(opts.out_dir, echo=quiet, runner=FakeCommands()), measure=fake_measure)
@@ -367,7 +367,7 @@ def test_a_downstream_variant_reuses_the_folders_stage_1_and_latents(tmp_path):
 
 def test_the_command_line_defaults_are_the_options_defaults():
     """`make compare` (no flags) runs exactly CompareOptions() (budgets included)."""
-    from ldm.tools.commands import compare_encoders
+    compare_encoders = script("compare_encoders")
 
     assert compare_encoders.parse_args([]) == CompareOptions()
     assert compare_encoders.parse_args(["--ae-steps", "7"]).ae_steps == 7
@@ -376,7 +376,7 @@ def test_the_command_line_defaults_are_the_options_defaults():
 def test_the_demo_builds_every_command_through_the_stages_and_the_scripts_parsers(tmp_path, monkeypatch, capsys):
     """The demo's five stages, with fake commands (each parsed by its script's own parser on the way, FakeCommands):
     the commands are the README's, in order."""
-    from ldm.tools.commands import demo
+    demo = script("demo")
 
     fake = FakeCommands()
     monkeypatch.setattr(demo, "manifest_summary", lambda latents: "manifest")

@@ -8,9 +8,9 @@ import pytest
 from scipy.stats import bootstrap, spearmanr
 
 from helpers import FakeCommands, arg, fake_measure, quiet
-from ldm.tools.compare import CompareOptions
-from ldm.tools.pipeline import Pipeline
-from ldm.tools.probe_study import (STUDY_ARMS, StudyOptions, mean_row, predicts, repeat_agreement, run_study,
+from lab.compare import CompareOptions
+from lab.pipeline import Pipeline
+from lab.probe_study import (STUDY_ARMS, StudyOptions, mean_row, predicts, repeat_agreement, run_study,
                                    spearman_with_interval)
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, command_module, subprocess_env
 from ldm import cli
 from ldm.checkpoints import load_diffusion
-from ldm.sampling import parse_seeds
+from ldm.generate import parse_seeds
 from ldm.util import image_grid
 from helpers import SIZE, make_cache, make_images, make_stage1_run, run_folder, stage2_config, write_config
 

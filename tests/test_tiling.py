@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import LITEVAE_TINY, command_module
 from ldm.first_stage.posterior import GaussianPosterior
 from ldm.tiling import TiledAutoencoder, check_tiling, decode_tiled, encode_tiled, tile_starts, tiled
-from ldm.sampling import _first_stage_decoder
+from ldm.generate import _first_stage_decoder
 from ldm.util import instantiate_from_config
 
 TILE, OVERLAP = 256, 64  # pixels: 3x3 tiles on 512x512 (starts 0, 192, 256)

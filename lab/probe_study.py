@@ -3,7 +3,7 @@
 First stages that differ in reconstruction and in latent quality (``STUDY_ARMS``: the tiny LiteVAE, its old group
 setting, the LiteVAE-S widths, the 5x and the equal-size SD encoders, KL weight x0.1 and x10, the scale-equivariance
 regulariser; plus early checkpoints of the reference run) each get the comparison's full downstream result
-(``ldm.tools.compare``: stage 2, samples, FID/KID/class accuracy, with repeats) and every latent probe
+(``lab.compare``: stage 2, samples, FID/KID/class accuracy, with repeats) and every latent probe
 (``scripts/probe_latents.py``). The report gives each signal's Spearman rank correlation with each downstream
 metric across first stages, with a bootstrap 95 % interval, for the probes and for reconstruction PSNR/rFID alike,
 so it shows what a probe adds beyond reconstruction quality. Resumable like the comparison (``state.json``).
@@ -20,11 +20,11 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from ldm.io import markdown_table, write_json_atomic
-from ldm.tools import compare
-from ldm.tools.compare import Arm, CompareOptions, checkpoint_at, measure_encoders, run_comparison
-from ldm.tools.compare_report import pyplot, save_figure
-from ldm.tools.pipeline import Pipeline
-from ldm.tools.stages import ProbeLatents
+from lab import compare
+from lab.compare import Arm, CompareOptions, checkpoint_at, measure_encoders, run_comparison
+from lab.plots import pyplot, save_figure
+from lab.pipeline import Pipeline
+from lab.stages import ProbeLatents
 
 _TINY, _LDM = "configs/autoencoder/litevae_tiny.yaml", "configs/ldm/fmnist_litevae_tiny.yaml"
 _ENCODER = "model.params.autoencoder.params.encoder_config.params"

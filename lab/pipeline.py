@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ldm.io import write_json_atomic
-from ldm.tools.stages import PY, Stage, Train
+from lab.stages import PY, ROOT, Stage, Train
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
 STATE_FILE = "state.json"
 TIME_FORMAT = "%Y-%m-%dT%H-%M-%S"  # the run-folder prefix written by ldm.cli; sorts chronologically
 
@@ -46,7 +45,7 @@ class Pipeline:
 
     ``echo`` receives the lines a user should see (the commands, skips); ``runner`` executes a command
     (``subprocess.run`` by default; tests pass a fake). Stages may run from several threads at once (independent
-    chains, ``ldm.tools.compare``): the state is updated and saved under a lock. Several processes may run
+    chains, ``lab.compare``): the state is updated and saved under a lock. Several processes may run
     different stages of one folder (a ``--ldm-config`` variant next to an ablation): each save merges, under a
     file lock, this process's stages into what is on disk. ``threads`` sets ``OMP_NUM_THREADS`` of the commands
     (e.g. 1 each when two chains share two cores).
@@ -100,7 +99,7 @@ class Pipeline:
 
     def command(self, name: str, cmd: Stage | Command | Callable[[], Stage | Command],
                 collect: Callable[[], dict] | None = None, outputs: Callable[[dict], list] | None = None) -> dict:
-        """Run ``cmd`` (an ``ldm.tools.stages`` stage or an argument list, or a callable building one when the stage
+        """Run ``cmd`` (an ``lab.stages`` stage or an argument list, or a callable building one when the stage
         actually runs) unless done.
 
         ``collect()`` builds the stage's result after the command succeeds; ``outputs(result)`` lists the

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from autoencoder.fused_norm import use_fused_norm
-from ldm.tools.bench.common import (H200_PEAK_FLOPS, autocast, batch_for, build_encoder, flops_per_image,
+from lab.bench.common import (H200_PEAK_FLOPS, autocast, batch_for, build_encoder, flops_per_image,
                                    fused_variants, images, prepare, ratio_tag, timed)
 from ldm.util import count_params
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ldm.tools.bench.common import H200_PEAK_BYTES_PER_S, H200_PEAK_FLOPS, build_encoder
+from lab.bench.common import H200_PEAK_BYTES_PER_S, H200_PEAK_FLOPS, build_encoder
 
 
 def activation_bytes(encoder: nn.Module, x: torch.Tensor, bytes_per_element: int = 2) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """What the benchmark suites share: targets, the models they build, inputs, autocast, interleaved timing.
 
-The suites (one module each in ``ldm.tools.bench``) take the parsed ``scripts/benchmark.py`` arguments and a dict
-of ratios they fill; ``ldm.tools.commands.benchmark`` runs them. Tooling, not library: the suites build the
+The suites (one module each in ``lab.bench``) take the parsed ``scripts/benchmark.py`` arguments and a dict
+of ratios they fill; ``scripts.benchmark`` runs them. Tooling, not library: the suites build the
 autoencoder package's encoders directly, which the stage-2 library never does.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from autoencoder.litevae_encoder import LiteVAEEncoder
 from autoencoder.sd_vae import Encoder as SDEncoder
-from ldm.tools.bench.measure import time_round_robin
+from lab.bench.measure import time_round_robin
 
 # Ratio key -> (target, "min" | "max"): what the issue asks of a CPU run.
 TARGETS = {

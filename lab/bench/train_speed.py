@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.util import instantiate_from_config
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 STAGE_CONFIGS = {1: ROOT / "configs/autoencoder/litevae_tiny.yaml", 2: ROOT / "configs/ldm/fmnist_litevae_tiny.yaml"}
 REFERENCE = {"target": "autoencoder.litevae_encoder.LiteVAEEncoder", "params": {"size": "B", "z_channels": 4}}
 

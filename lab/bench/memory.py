@@ -8,12 +8,13 @@ import sys
 
 import torch
 
-from ldm.tools.bench.common import autocast, batch_for, build_encoder, images, prepare, train_forward_backward
-from ldm.tools.bench.measure import count_saved_bytes, peak_memory_growth, peak_rss_growth
+from lab.stages import ROOT
+from lab.bench.common import autocast, batch_for, build_encoder, images, prepare, train_forward_backward
+from lab.bench.measure import count_saved_bytes, peak_memory_growth, peak_rss_growth
 
 
 def _probe_command(name: str, args, batch: int) -> list[str]:
-    cmd = [sys.executable, "-m", "ldm.tools.commands.benchmark", "--probe-memory", name, "--device", args.device,
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--probe-memory", name, "--device", args.device,
            "--resolution", str(args.resolution), "--batch", str(batch), "--threads", str(torch.get_num_threads())]
     return cmd + ["--bf16"] * args.bf16 + ["--channels-last"] * args.channels_last
 

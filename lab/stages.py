@@ -3,22 +3,36 @@
 The demo, the comparison, the ablation and the pipeline runner build their command lines only here. A stage is a
 frozen dataclass whose fields are the command's options (``flag`` metadata names the option; ``None`` and ``False``
 leave it out); ``argv()`` is what runs, and building a stage parses its arguments with the target script's own
-parser (``ldm.tools.commands``, ``ldm.cli``), so a renamed or removed option fails where the command is built, and
+parser (``scripts/<name>.py``'s ``build_parser``, ``ldm.cli``), so a renamed or removed option fails where the command is built, and
 in the tests, not in the middle of a comparison.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+from functools import cache
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 from ldm import cli
-from ldm.tools.commands import cache_latents, eval_autoencoder, eval_fid, probe_latents, sample
-
 PY = sys.executable
 PathLike = str | Path
+ROOT = Path(__file__).resolve().parents[1]  # the repository: scripts/ and configs/ are read relative to it
+
+
+@cache
+def script(name: str) -> Any:
+    """The module of ``scripts/<name>.py`` (its ``build_parser`` and ``main``). Each public command is one file, not
+    a package module, so it is loaded by path; the stages and the tests parse with the very parser the command uses."""
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts.{name}", path)
+    if spec is None or not path.is_file():
+        raise FileNotFoundError(f"no command {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def flag(name: str | None = None, **kw: Any) -> Any:
@@ -55,8 +69,8 @@ class Stage:
         return type(self).PARSE(self.args())
 
 
-def _parser(build: Callable[[], argparse.ArgumentParser]) -> Callable[[list[str]], argparse.Namespace]:
-    return lambda args: build().parse_args(args)
+def _parser(name: str) -> Callable[[list[str]], argparse.Namespace]:
+    return lambda args: script(name).build_parser().parse_args(args)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +95,7 @@ class Train(Stage):
 @dataclass(frozen=True, kw_only=True)
 class CacheLatents(Stage):
     SCRIPT: ClassVar[str] = "scripts/cache_latents.py"
-    PARSE: ClassVar = staticmethod(cache_latents.parse_args)
+    PARSE: ClassVar = staticmethod(lambda args: script("cache_latents").parse_args(args))
     ae: PathLike = flag("--ae")
     data: PathLike | None = flag("--data", default=None)
     split: str = flag("--split")
@@ -92,7 +106,7 @@ class CacheLatents(Stage):
 @dataclass(frozen=True, kw_only=True)
 class Sample(Stage):
     SCRIPT: ClassVar[str] = "scripts/sample.py"
-    PARSE: ClassVar = staticmethod(_parser(sample.build_parser))
+    PARSE: ClassVar = staticmethod(_parser("sample"))
     source: PathLike = flag(None)
     seeds: str = flag("--seeds")
     batch_size: int | None = flag("--batch-size", default=None)
@@ -102,7 +116,7 @@ class Sample(Stage):
 @dataclass(frozen=True, kw_only=True)
 class EvalAutoencoder(Stage):
     SCRIPT: ClassVar[str] = "scripts/eval_autoencoder.py"
-    PARSE: ClassVar = staticmethod(_parser(eval_autoencoder.build_parser))
+    PARSE: ClassVar = staticmethod(_parser("eval_autoencoder"))
     ae: PathLike = flag("--ae")
     data: PathLike | None = flag("--data", default=None)
     split: str | None = flag("--split", default=None)
@@ -118,7 +132,7 @@ class EvalSamples(Stage):
     """``scripts/eval_fid.py``: FID (KID, precision/recall) and the class accuracy of samples."""
 
     SCRIPT: ClassVar[str] = "scripts/eval_fid.py"
-    PARSE: ClassVar = staticmethod(_parser(eval_fid.build_parser))
+    PARSE: ClassVar = staticmethod(_parser("eval_fid"))
     samples: PathLike = flag("--samples")
     ref: PathLike = flag("--ref")
     ref_split: str | None = flag("--ref-split", default=None)
@@ -139,7 +153,7 @@ class ProbeLatents(Stage):
     """``scripts/probe_latents.py``: the latent probes of one first stage."""
 
     SCRIPT: ClassVar[str] = "scripts/probe_latents.py"
-    PARSE: ClassVar = staticmethod(_parser(probe_latents.build_parser))
+    PARSE: ClassVar = staticmethod(_parser("probe_latents"))
     ae: PathLike = flag("--ae")
     data: PathLike | None = flag("--data", default=None)
     split: str | None = flag("--split", default=None)

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.io import markdown_table
-from ldm.tools.bench.train_speed import Variant, fit, seconds_per_step
+from lab.bench.train_speed import Variant, fit, seconds_per_step
 from ldm.util import step_generator
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ldm.io import write_json_atomic, write_text_atomic
+from ldm.tiling import DEFAULT_OVERLAP, check_tiling
 
 
 def _ranged(kind: type, low: float, strict: bool) -> Callable[[str], float]:
@@ -124,3 +125,19 @@ def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argp
     if getattr(args, "out", None):
         check_output_file(args.out, "--out")
     return args, pick_device(args.device)
+
+def add_tiling_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tile", type=positive_int, help=f"{what} by overlapping tiles of this many image pixels "
+                                                     "(a multiple of the downsample factor; default: whole images)")
+    p.add_argument("--tile-overlap", type=non_negative_int, default=DEFAULT_OVERLAP,
+                   help="overlap of neighbouring tiles in image pixels, blended with a raised-cosine ramp")
+
+
+def check_tiling_args(args: argparse.Namespace, model: Any) -> None:
+    """Tile sizes against the loaded model's downsample factor: a ``SystemExit`` naming the flags, before compute."""
+    if args.tile is None:
+        return
+    try:
+        check_tiling(args.tile, args.tile_overlap, int(model.downsample_factor))
+    except ValueError as e:
+        raise SystemExit(f"error: --tile {args.tile} --tile-overlap {args.tile_overlap}: {e}") from None

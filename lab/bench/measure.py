@@ -1,4 +1,4 @@
-"""Measurement helpers of the benchmark suites (``ldm.tools.bench``) and the comparison: interleaved timing,
+"""Measurement helpers of the benchmark suites (``lab.bench``) and the comparison: interleaved timing,
 memory, machine description.
 
 Model-agnostic on purpose (``ldm`` never imports ``autoencoder``): the script builds the models and hands

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.tools.bench.common import autocast, autoencoder, batch_for, timed
-from ldm.tools.bench.measure import synchronize
+from lab.bench.common import autocast, autoencoder, batch_for, timed
+from lab.bench.measure import synchronize
 
 
 class _RandomImages(torch.utils.data.Dataset):

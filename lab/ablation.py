@@ -1,7 +1,7 @@
 """Stage-1 ablations behind ``scripts/ablate_stage1.py``: variants of an autoencoder config trained on one data
 config at an equal budget and seeds, evaluated on its validation split, reported as mean ± std with Welch's t-test
 against the first variant. The stages and their names are the encoder comparison's photo stages
-(``ldm.tools.compare``): a run resumes, and run in a comparison's folder it reuses the arms' photo runs (variants
+(``lab.compare``): a run resumes, and run in a comparison's folder it reuses the arms' photo runs (variants
 keyed like the arms, e.g. ``litevae`` and ``sd_vae``, with the same steps and evaluation size).
 """
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from ldm.io import markdown_table
-from ldm.tools.compare import Arm, CompareOptions, ae_metrics, eval_autoencoder, stage1, threads_per_job
-from ldm.tools.compare_report import Metric, cell, label, plot_curves
-from ldm.tools.compare_stats import Spread, spread, welch
-from ldm.tools.pipeline import Pipeline
+from lab.compare import Arm, CompareOptions, ae_metrics, eval_autoencoder, stage1, threads_per_job
+from lab.compare_report import Metric, cell, label
+from lab.plots import plot_curves
+from lab.compare_stats import Spread, spread, welch
+from lab.pipeline import Pipeline
 
 METRICS = [Metric("photos", "psnr", "PSNR", True), Metric("photos", "ssim", "SSIM", True),
            Metric("photos", "lpips", "LPIPS", False), Metric("photos", "rfid", "rFID", False, True)]

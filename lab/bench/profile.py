@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ldm.tools.bench.common import (batch_for, build_encoder, fused_variants, images, prepare, ratio_tag,
+from lab.bench.common import (batch_for, build_encoder, fused_variants, images, prepare, ratio_tag,
                                    train_forward_backward_fused)
-from ldm.tools.bench.measure import synchronize
+from lab.bench.measure import synchronize
 
 
 def suite_profile(args, ratios: dict) -> list[dict]:

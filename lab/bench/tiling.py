@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ldm.tools.bench.common import autocast, autoencoder, batch_for, images, timed
-from ldm.tools.bench.measure import peak_memory_growth
+from lab.bench.common import autocast, autoencoder, batch_for, images, timed
+from lab.bench.measure import peak_memory_growth
 
 
 def suite_tiling(args, ratios: dict) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from autoencoder.fused_norm import use_fused_norm
-from ldm.tools.bench.common import (autocast, autoencoder, batch_for, build_encoder, fused_variants, images, prepare,
+from lab.bench.common import (autocast, autoencoder, batch_for, build_encoder, fused_variants, images, prepare,
                                    ratio_tag, timed)
 
 
@@ -86,8 +86,8 @@ def suite_train_ldm(args, ratios: dict) -> list[dict]:
 
 
 def suite_train(args, ratios: dict) -> list[dict]:
-    """The tiny configs' training steps through pl.Trainer (ldm/tools/train_speed.py), interleaved."""
-    from ldm.tools.bench.train_speed import run
+    """The tiny configs' training steps through pl.Trainer (lab/bench/train_speed.py), interleaved."""
+    from lab.bench.train_speed import run
 
     repeats = args.repeats or (2 if args.quick else 3)
     rows = run(steps=8 if args.quick else 30, warmup=3 if args.quick else 5, repeats=repeats)
@@ -98,9 +98,9 @@ def suite_train(args, ratios: dict) -> list[dict]:
 
 
 def suite_step_profile(args, ratios: dict) -> list[dict]:
-    """Where each tiny step's time goes, per part and per op (ldm/tools/step_profile.py), as markdown tables."""
-    from ldm.tools.bench.step_profile import markdown, profile_step
-    from ldm.tools.bench.train_speed import VARIANTS, reference_rate
+    """Where each tiny step's time goes, per part and per op (lab/bench/step_profile.py), as markdown tables."""
+    from lab.bench.step_profile import markdown, profile_step
+    from lab.bench.train_speed import VARIANTS, reference_rate
 
     flops, call = reference_rate()
     reference = flops / timed({"reference": call}, args, 2, 3)["reference"] / 1e9

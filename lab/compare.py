@@ -5,7 +5,7 @@ pretrained one as is (a diffusers folder, stage-1 run folder or checkpoint), cac
 LDM on them, sample, and evaluate (PSNR/SSIM/LPIPS/rFID; FID/KID and the class accuracy of the samples); with
 ``photos`` set, also train and evaluate stage 1 on natural photos. Repeat r trains with seed ``r`` and samples
 seeds shifted by ``r * SEED_STRIDE``. Every stage is a public command run through
-``ldm.tools.pipeline.Pipeline``, so a re-run resumes where it stopped. ``ldm.tools.compare_report`` writes the
+``lab.pipeline.Pipeline``, so a re-run resumes where it stopped. ``lab.compare_report`` writes the
 report (verdict, tables with mean ± std and Welch's t-tests, plots, grids).
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ldm.tools.compare_report import write_report
-from ldm.tools.pipeline import Pipeline, curve
-from ldm.tools.stages import CacheLatents, EvalAutoencoder, EvalSamples, Sample, Train
+from lab.compare_report import write_report
+from lab.pipeline import Pipeline, curve
+from lab.stages import CacheLatents, EvalAutoencoder, EvalSamples, Sample, Train
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def downstream_suffix(opts: CompareOptions) -> str:
 
 def repeat_seeds(spec: str, repeat: int) -> str:
     """The sample seeds of one repeat: ``spec`` shifted by ``repeat * SEED_STRIDE``, as inclusive ranges."""
-    from ldm.sampling import parse_seeds
+    from ldm.generate import parse_seeds
 
     seeds = [s + repeat * SEED_STRIDE for s in parse_seeds(spec)]
     ranges: list[list[int]] = []
@@ -277,7 +277,7 @@ def measure_encoders(ae_runs: Mapping[str, str], batch_size: int = 32, repeats: 
     from torch.utils.flop_counter import FlopCounterMode
 
     from ldm.checkpoints import load_first_stage
-    from ldm.tools.bench.measure import peak_memory_growth, time_round_robin
+    from lab.bench.measure import peak_memory_growth, time_round_robin
     from ldm.util import count_params
 
     models = {k: load_first_stage(run, use_ema=True, device="cpu")[0] for k, run in ae_runs.items()}

@@ -1,6 +1,6 @@
-"""Sampling from a trained stage-2 model: load it (with its first stage), draw per-seed samples, write them.
+"""Sampling from a trained stage-2 model: seeds, their class labels, per-seed samples decoded by the first stage.
 
-Used by ``scripts/sample.py`` and by the evaluation / comparison scripts. A sample depends only on its seed
+Used by ``scripts/sample.py`` (which writes them with ``ldm.sample_folder``). A sample depends only on its seed
 (and its class or prompt), never on the batch size or the number of processes, so ``--seeds 0-49999`` split
 over any number of GPUs gives the same images (EDM2-style).
 """
@@ -9,17 +9,14 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ldm.io import to_uint8, write_samples_npz
+from ldm.io import to_uint8
 from ldm.precision import GuardedAutoencoder, autocast
 from ldm.tiling import DEFAULT_OVERLAP, tiled
-from ldm.util import image_grid
 
 
 log = logging.getLogger(__name__)
@@ -141,28 +138,3 @@ def _first_stage_decoder(module: torch.nn.Module, precision: str, tile: int | No
         return module.decode  # raises the module's own "no first stage" error
     first_stage = tiled(GuardedAutoencoder(module.first_stage, precision), tile, tile_overlap)
     return lambda z_norm: first_stage.decode(module.denormalise(z_norm.float())).float().clamp(-1, 1)
-
-
-# ------------------------------------------------------------------------------------------ output
-def png_name(seed: int) -> str:
-    return f"{seed:06d}.png"
-
-
-def write_pngs(folder: str | Path, images: np.ndarray, seeds: Sequence[int]) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for image, seed in zip(images, seeds):
-        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(folder / png_name(seed))
-
-
-def read_pngs(folder: str | Path, seeds: Sequence[int]) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(Path(folder) / png_name(s)).convert("RGB")) for s in seeds])
-
-
-def write_outputs(outdir: str | Path, images: np.ndarray, seeds: Sequence[int], labels: np.ndarray | None) -> Path:
-    """``samples.npz`` (``arr_0`` uint8 NHWC, ``seeds``[, ``labels``]) and ``grid.png`` in ``outdir``."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    npz = write_samples_npz(outdir / "samples.npz", images, seeds, labels)
-    Image.fromarray(image_grid(images[:64])).save(outdir / "grid.png")
-    return npz

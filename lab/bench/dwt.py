@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from autoencoder.wavelets import haar_dwt_pyramid
-from ldm.tools.bench.common import batch_for, timed
+from lab.bench.common import batch_for, timed
 
 
 def suite_dwt(args, ratios: dict) -> list[dict]:
