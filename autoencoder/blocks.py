@@ -10,20 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoencoder.fused_norm import group_norm_silu
-
-
-def group_count(channels: int, preferred: int = 32, min_channels: int = 1) -> int:
-    """Largest divisor of ``channels`` that is <= ``preferred`` (32 for SD widths, fewer for tiny ones) and leaves
-    at least ``min_channels`` channels in each group.
-
-    ``min_channels`` is the rule for narrow layers: with 32 groups a 32-wide layer has one channel per group, i.e.
-    instance normalisation, which the photo study measured as worse on the tiny LiteVAE (README, scale study).
-    The parameter count of GroupNorm does not depend on the group count, so neither choice changes model sizes.
-    """
-    for groups in range(min(preferred, max(1, channels // max(1, min_channels))), 0, -1):
-        if channels % groups == 0:
-            return groups
-    return 1
+from ldm.modules.norm import group_count
 
 
 class GroupNorm(nn.GroupNorm):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoencoder.posterior import DiagonalGaussian
+from ldm.first_stage.posterior import DiagonalGaussian
 from ldm.ema import EMA
 from ldm.metrics.image import psnr
 from ldm.util import check_range, instantiate_from_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -17,7 +17,6 @@ from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from ldm.ema import EMA
 from ldm.metrics.image import psnr, ssim
-from ldm.rescale import downscale, scaled_sizes
 from ldm.util import (batch_missing, check_finite, check_range, clip_gradients, fused_optimizer_kwargs,
                       instantiate_from_config, is_empty_batch, match_optimizer_state_layout, maybe_compile, run_seed,
                       step_generator)
@@ -26,6 +25,16 @@ log = logging.getLogger(__name__)
 
 
 _CROP_STREAM, _NOISE_STREAM, _SCALE_STREAM = 0, 1, 2
+
+
+def _with_equivariance(loss: Mapping, weight: float | None, factors: Sequence[float] | None) -> Mapping:
+    """Configs written before the equivariance term moved into the loss set it on the module
+    (``model.params.equivariance_weight``); such a setting is handed to the loss, its one home."""
+    moved = {k: v for k, v in (("equivariance_weight", weight), ("equivariance_factors", factors)) if v is not None}
+    if not moved:
+        return loss
+    log.info("model.params.%s -> model.params.loss.params (the loss holds every stage-1 term)", ", ".join(moved))
+    return {**loss, "params": {**(loss.get("params") or {}), **moved}}
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -43,28 +52,23 @@ class AutoencoderModule(pl.LightningModule):
         image_key: str = "image",
         compile: bool = False,
         channels_last: bool = True,
-        equivariance_weight: float = 0.0,
-        equivariance_factors: tuple[float, ...] = (2.0, 4.0 / 3.0),
+        equivariance_weight: float | None = None,
+        equivariance_factors: tuple[float, ...] | None = None,
     ):
         super().__init__()
         check_range("accumulate_grad_batches", accumulate_grad_batches, 1)
         check_range("grad_clip", grad_clip, 0, above=True)
         check_range("ema_decay", ema_decay, 0, 1)
-        check_range("equivariance_weight", equivariance_weight, 0)
-        for factor in equivariance_factors:
-            check_range("equivariance_factors[]", factor, 1, above=True)
         for step, size in (train_crop_schedule or {}).items():
             check_range(f"train_crop_schedule[{step}]", size, 1)
         self.automatic_optimization = False
         self.autoencoder = instantiate_from_config(autoencoder, where="model.params.autoencoder")
-        self.loss = instantiate_from_config(loss, where="model.params.loss")
+        self.loss = instantiate_from_config(_with_equivariance(loss, equivariance_weight, equivariance_factors),
+                                            where="model.params.loss")
         self.ema = EMA(self.autoencoder, ema_decay) if ema_decay else None
         self.betas, self.disc_learning_rate = tuple(betas), disc_learning_rate
         self.accumulate_grad_batches, self.grad_clip = int(accumulate_grad_batches), grad_clip
         self.freeze_encoder, self.image_key = freeze_encoder, image_key
-        # Scale equivariance (EQ-VAE): decoding the down-scaled latent should give the down-scaled image. Off (0)
-        # by default; a factor is drawn per step from ``equivariance_factors``.
-        self.equivariance_weight, self.equivariance_factors = float(equivariance_weight), tuple(equivariance_factors)
         # NHWC activations and weights: oneDNN's CPU convolutions skip a layout conversion per call (this step:
         # 1.25x on 2 CPU cores, docs/benchmarks.md), and CUDA's tensor-core kernels want NHWC too.
         self.channels_last = channels_last
@@ -139,12 +143,11 @@ class AutoencoderModule(pl.LightningModule):
         discriminator = getattr(self.loss, "discriminator", None)
         if discriminator is not None:  # the generator's adversarial term must not fill D's gradients
             discriminator.requires_grad_(False)
-        g_loss, logs = self.loss.generator_loss(x, xrec, posterior, step, last_layer=self.autoencoder.last_layer)
+        g_loss, logs = self.loss.generator_loss(x, xrec, posterior, step, last_layer=self.autoencoder.last_layer,
+                                                decode=self.autoencoder.decode,
+                                                generator=self.train_generator(_SCALE_STREAM))
         if discriminator is not None:
             discriminator.requires_grad_(True)
-        if self.equivariance_weight > 0:
-            eq_loss = self.equivariance_loss(x, posterior.mode())
-            g_loss, logs = g_loss + self.equivariance_weight * eq_loss, {**logs, "eq": eq_loss.detach()}
         check_finite(g_loss, step, logs)
         self.manual_backward(g_loss / self.accumulate_grad_batches)
         if boundary:
@@ -161,15 +164,6 @@ class AutoencoderModule(pl.LightningModule):
         for keys, bar in (({"loss", "rec"}, True), (logs.keys() - {"loss", "rec"}, False)):
             self.log_dict({f"train/{k}": logs[k] for k in keys}, prog_bar=bar, on_step=True, on_epoch=False,
                           batch_size=x.shape[0])
-
-    def equivariance_loss(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """L1 between D(down_s(z)) and down_s(x) for one factor s drawn from ``equivariance_factors`` (seeded per
-        step like every other draw). EQ-VAE applies its whole reconstruction loss; L1 keeps this regulariser cheap."""
-        g = self.train_generator(_SCALE_STREAM)
-        factor = self.equivariance_factors[int(torch.randint(len(self.equivariance_factors), (), generator=g))]
-        latent_size, image_size = scaled_sizes(z.shape[-2:], x.shape[-2:], factor)
-        decoded = self.autoencoder.decode(downscale(z, latent_size).to(z.dtype))
-        return (decoded.float() - downscale(x, image_size)).abs().mean()
 
     def _step(self, optimizer: LightningOptimizer) -> None:
         """Clip, step, zero the gradients. Only the autoencoder's step goes through Lightning's wrapper, the one

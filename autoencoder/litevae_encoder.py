@@ -15,7 +15,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Sequence
 
-from torch.utils.checkpoint import checkpoint
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from autoencoder.blocks import ResnetBlock
 from autoencoder.wavelets import discrete_wavelet, dwt_pyramid
+from ldm.modules.checkpointing import maybe_checkpoint
 
 DWT_LEVELS = 3
 DOWNSAMPLE_FACTOR = 2**DWT_LEVELS
@@ -105,7 +105,7 @@ class LiteVAEEncoder(nn.Module):
 
     ``norm_groups`` / ``min_group_channels``: GroupNorm's group count in every UNet block, and the rule for
     narrow layers: at least this many channels per group (1: off, the paper's configs; see
-    ``autoencoder.blocks.group_count``).
+    ``ldm.modules.norm.group_count``).
 
     ``wavelet`` / ``wavelet_mode``: the fixed front end (``autoencoder.wavelets.dwt_pyramid``); the mode is
     ignored by Haar, whose coefficients are the same in every mode. No parameters depend on either.
@@ -167,6 +167,4 @@ class LiteVAEEncoder(nn.Module):
         return f"wavelet={self.wavelet!r}, wavelet_mode={self.wavelet_mode!r}"
 
     def _run(self, net: nn.Module, x: Tensor) -> Tensor:
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(net, x, use_reentrant=False)
-        return net(x)
+        return maybe_checkpoint(net, x, enabled=self.activation_checkpointing)

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoencoder.posterior import DiagonalGaussian
+from ldm.first_stage.posterior import DiagonalGaussian
 from autoencoder.wavelets import haar_dwt
+from ldm.rescale import downscale, scaled_sizes
 from ldm.util import check_range, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,17 @@ class AutoencoderLoss(nn.Module):
                  disc_weight: float = 0.1, disc_start: int = 40_000,
                  disc_loss: Literal["hinge", "non_saturating"] = "hinge", adaptive_disc_weight: bool = False,
                  discriminator: Mapping[str, Any] | None = None, disc_pixel_weight: float = 1.0,
-                 disc_fp32: bool = True):
+                 disc_fp32: bool = True, equivariance_weight: float = 0.0,
+                 equivariance_factors: Sequence[float] = (2.0, 4.0 / 3.0)):
         super().__init__()
         for name, value in (("pixel_weight", pixel_weight), ("kl_weight", kl_weight),
                             ("perceptual_weight", perceptual_weight), ("wavelet_weight", wavelet_weight),
                             ("gaussian_weight", gaussian_weight), ("disc_weight", disc_weight),
-                            ("disc_start", disc_start), ("disc_pixel_weight", disc_pixel_weight)):
+                            ("disc_start", disc_start), ("disc_pixel_weight", disc_pixel_weight),
+                            ("equivariance_weight", equivariance_weight)):
             check_range(name, value, 0)
+        for factor in equivariance_factors:
+            check_range("equivariance_factors[]", factor, 1, above=True)
         check_range("charbonnier_eps", charbonnier_eps, 0, above=True)
         check_range("gaussian_sigma", gaussian_sigma, 0, above=True)
         if pixel_loss not in ("l1", "charbonnier"):
@@ -131,6 +136,9 @@ class AutoencoderLoss(nn.Module):
         self.gaussian_sigma, self.gaussian_kernel_size = gaussian_sigma, gaussian_kernel_size
         self.disc_weight, self.disc_start, self.disc_loss = disc_weight, disc_start, disc_loss
         self.adaptive_disc_weight, self.disc_pixel_weight, self.disc_fp32 = adaptive_disc_weight, disc_pixel_weight, disc_fp32
+        # Scale equivariance (EQ-VAE): decoding the down-scaled latent should give the down-scaled image. Off (0) by
+        # default; one factor is drawn per step from ``equivariance_factors``.
+        self.equivariance_weight, self.equivariance_factors = float(equivariance_weight), tuple(equivariance_factors)
         self.discriminator = instantiate_from_config(discriminator or DEFAULT_DISCRIMINATOR, where="loss.discriminator")
         # object.__setattr__ bypasses nn.Module registration: see the class docstring.
         object.__setattr__(self, "_lpips", self._build_lpips(lpips))
@@ -195,10 +203,23 @@ class AutoencoderLoss(nn.Module):
         ratio = nll_grad.norm() / (g_grad.norm() + ADAPTIVE_DELTA)
         return ratio.clamp(0.0, ADAPTIVE_MAX).detach()
 
+    def equivariance(self, x: Tensor, z: Tensor, decode: Callable[[Tensor], Tensor],
+                     generator: torch.Generator | None) -> Tensor:
+        """L1 between D(down_s(z)) and down_s(x) for one factor s drawn from ``equivariance_factors`` with
+        ``generator``. EQ-VAE applies its whole reconstruction loss; L1 keeps this regulariser cheap."""
+        factor = self.equivariance_factors[int(torch.randint(len(self.equivariance_factors), (), generator=generator))]
+        latent_size, image_size = scaled_sizes(z.shape[-2:], x.shape[-2:], factor)
+        decoded = decode(downscale(z, latent_size).to(z.dtype))
+        return (decoded.float() - downscale(x, image_size)).abs().mean()
+
     # ------------------------------------------------------------------ public API
     def generator_loss(self, x: Tensor, xrec: Tensor, posterior: DiagonalGaussian, global_step: int,
-                       last_layer: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Autoencoder loss and detached logs (every key present every step, zeros when inactive)."""
+                       last_layer: Tensor | None = None, decode: Callable[[Tensor], Tensor] | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Autoencoder loss and detached logs (every key present every step, zeros when inactive).
+
+        ``decode`` (the autoencoder's decoder) and ``generator`` (the step's scale draw) switch the equivariance term
+        on when ``equivariance_weight > 0``; without them (validation) it is left out."""
         with _fp32_region(x):
             x, xrec = x.float(), xrec.float()
             rec = self._pixel(x, xrec)
@@ -220,6 +241,9 @@ class AutoencoderLoss(nn.Module):
                 loss = loss + d_weight * g_adv
         logs = {"loss": loss, "rec": rec, "lpips": perceptual, "kl": kl, "wavelet": wavelet, "gauss": gauss,
                 "g_adv": g_adv, "disc_factor": disc_factor, "d_weight": d_weight}
+        if self.equivariance_weight > 0 and decode is not None:
+            logs["eq"] = self.equivariance(x, posterior.mode(), decode, generator)
+            loss = logs["loss"] = loss + self.equivariance_weight * logs["eq"]
         return loss, {k: v.detach() for k, v in logs.items()}
 
     def discriminator_loss(self, x: Tensor, xrec: Tensor, global_step: int) -> tuple[Tensor, dict[str, Tensor]]:

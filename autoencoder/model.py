@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from autoencoder.posterior import DiagonalGaussian
+from ldm.first_stage.posterior import DiagonalGaussian
 from ldm.util import instantiate_from_config, load_state_dict, load_weights
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ STUDY_ARMS = [
     Arm("litevae_g8", "LiteVAE, 1 channel per group", _TINY, _LDM, [f"{_ENCODER}.norm_groups=8"]),
     Arm("litevae_kl01", "LiteVAE, KL weight x0.1", _TINY, _LDM, ["model.params.loss.params.kl_weight=1.0e-7"]),
     Arm("litevae_kl10", "LiteVAE, KL weight x10", _TINY, _LDM, ["model.params.loss.params.kl_weight=1.0e-5"]),
-    Arm("litevae_eq", "LiteVAE + scale equivariance", _TINY, _LDM, ["model.params.equivariance_weight=0.5"]),
+    Arm("litevae_eq", "LiteVAE + scale equivariance", _TINY, _LDM, ["model.params.loss.params.equivariance_weight=0.5"]),
 ]
 SIGNALS = {  # what the report correlates with downstream quality: (section, key) -> label
     ("probes", "hf_ratio"): "spectrum: HF fraction latents / images",

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from autoencoder.model import Autoencoder
-from autoencoder.posterior import DiagonalGaussian
+from ldm.first_stage.posterior import DiagonalGaussian
 
 SD_ENCODER = {"target": "autoencoder.sd_vae.Encoder", "params": {"z_channels": 4}}
 SD_DECODER = {"target": "autoencoder.sd_vae.Decoder", "params": {"z_channels": 4}}

@@ -159,7 +159,7 @@ def test_bad_arguments_raise():
 
 
 def test_group_count_keeps_a_minimum_of_channels_per_group():
-    from autoencoder.blocks import group_count
+    from ldm.modules.norm import group_count
 
     assert [group_count(c, 32) for c in (8, 16, 32, 48, 96)] == [8, 16, 32, 24, 32]  # the paper's rule
     assert [group_count(c, 32, min_channels=4) for c in (8, 16, 32, 48, 96)] == [2, 4, 8, 12, 24]

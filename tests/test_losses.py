@@ -12,7 +12,7 @@ from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 
 from autoencoder.losses import (AutoencoderLoss, discriminator_adv_loss, gaussian_highfreq_loss,
                                 generator_adv_loss, wavelet_highfreq_loss)
-from autoencoder.posterior import DiagonalGaussian
+from ldm.first_stage.posterior import DiagonalGaussian
 
 SMALL_D = {"target": "autoencoder.discriminator.UNetDiscriminator", "params": {"channels": 8, "ch_mult": [1, 2]}}
 LOG_KEYS = {"loss", "rec", "lpips", "kl", "wavelet", "gauss", "g_adv", "disc_factor", "d_weight"}

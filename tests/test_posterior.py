@@ -2,7 +2,7 @@
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from autoencoder.posterior import DiagonalGaussian
+from ldm.first_stage.posterior import DiagonalGaussian
 
 
 def random_moments(b=3, c=4, h=5, w=6, seed=0) -> torch.Tensor:

@@ -122,21 +122,24 @@ def test_the_probe_callback_logs_curves_from_a_tiny_stage1_run(tmp_path):
 
 
 def test_the_equivariance_regulariser_is_zero_for_an_equivariant_autoencoder_and_trains(tmp_path):
-    """model.params.equivariance_weight: L1(D(down_s(z)), down_s(x)); 0 for the exactly equivariant toy, > 0 for
-    the squaring one; a tiny run with it logs train/eq; a negative weight is refused naming the key."""
+    """model.params.loss.params.equivariance_weight: L1(D(down_s(z)), down_s(x)); 0 for the exactly equivariant toy,
+    > 0 for the squaring one; a tiny run with it logs train/eq and counts it in train/loss; a negative weight is
+    refused naming the key; a config written before the term moved into the loss (model.params.equivariance_weight)
+    still sets it."""
     from helpers import build_module, csv_rows, train
     from ldm.util import ConfigError
-    module = build_module(equivariance_weight=1.0)
+    module = build_module(loss={"params": {"equivariance_weight": 1.0}})
     x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     for linear, zero in ((True, True), (False, False)):
-        module.autoencoder = PointwiseAutoencoder(linear)
-        loss = module.equivariance_loss(x, module.autoencoder.encode(x).mode())
+        ae = PointwiseAutoencoder(linear)
+        loss = module.loss.equivariance(x, ae.encode(x).mode(), ae.decode, torch.Generator().manual_seed(0))
         assert (float(loss) < 1e-6) == zero
-    run = train(tmp_path, "lightning.trainer.max_steps=2", "model.params.equivariance_weight=0.5")
-    assert all(float(r["train/eq"]) > 0 for r in csv_rows(run) if r.get("train/eq"))
-    assert any(r.get("train/eq") for r in csv_rows(run))
+    run = train(tmp_path, "lightning.trainer.max_steps=2", "model.params.loss.params.equivariance_weight=0.5")
+    rows = [r for r in csv_rows(run) if r.get("train/eq")]
+    assert rows and all(float(r["train/eq"]) > 0 for r in rows)
     with pytest.raises(ConfigError, match="equivariance_weight=-1"):
-        build_module(equivariance_weight=-1.0)
+        build_module(loss={"params": {"equivariance_weight": -1.0}})
+    assert build_module(equivariance_weight=0.5).loss.equivariance_weight == 0.5
 
 
 def test_the_diffusion_probe_leaves_the_global_random_state_alone():

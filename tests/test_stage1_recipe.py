@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from autoencoder.discriminator import UNetDiscriminator
 from autoencoder.lightning import AutoencoderModule
 from autoencoder.losses import AutoencoderLoss
-from autoencoder.posterior import DiagonalGaussian
+from ldm.first_stage.posterior import DiagonalGaussian
 from autoencoder.sd_vae import Decoder
 from conftest import LITEVAE_TINY, SD_VAE_TINY, STAGE1_TEST_OVERRIDES
 from ldm import cli
@@ -281,8 +281,8 @@ def test_gradient_clipping_limits_both_optimizers(tmp_path, optimizer_steps):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     original = AutoencoderLoss.generator_loss
 
-    def generator_loss(self, x, xrec, posterior, global_step, last_layer=None):
-        loss, logs = original(self, x, xrec, posterior, global_step, last_layer)
+    def generator_loss(self, x, xrec, posterior, global_step, last_layer=None, **terms):
+        loss, logs = original(self, x, xrec, posterior, global_step, last_layer, **terms)
         if global_step == 3 and torch.is_grad_enabled():
             loss = loss * float("nan")  # what a diverged run produces
         return loss, logs

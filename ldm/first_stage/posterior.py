@@ -1,6 +1,6 @@
 """The posterior every first stage's ``encode(x)`` returns (DESIGN.md §3): a diagonal Gaussian q(z|x).
 
-One class for all encoders: ours (``autoencoder.posterior.DiagonalGaussian`` builds it from the network's moments),
+One class for all encoders: ours (``DiagonalGaussian`` builds it from the network's moments, clamping the log-variance),
 tiled encodes (``ldm.tiling`` blends mean, log-variance and std), and deterministic encoders (DC-AE, TAESD:
 ``PointPosterior``, std 0).
 """
@@ -11,6 +11,7 @@ import torch
 # log(0) is -inf; the floor LDM and diffusers clamp log-variances to keeps code that blends or averages
 # log-variances (tiled encoding) finite, and exp(0.5 * LOGVAR_FLOOR) ~ 3e-7 is zero for every practical use.
 LOGVAR_FLOOR = -30.0
+LOGVAR_RANGE = (LOGVAR_FLOOR, 20.0)  # the clamp of LDM/SD on a network's log-variance: keeps exp() finite
 
 
 class GaussianPosterior:
@@ -48,3 +49,16 @@ class PointPosterior(GaussianPosterior):
     def kl(self) -> torch.Tensor:
         """Zero per sample, as diffusers' deterministic posterior: such an encoder was trained without a KL term."""
         return self.mean.new_zeros(self.mean.shape[0])
+
+
+class DiagonalGaussian(GaussianPosterior):
+    """Gaussian with per-element mean and variance, built from ``moments = cat([mean, logvar], dim=1)`` (the LDM
+    ``DiagonalGaussianDistribution`` interface), the log-variance clamped to ``LOGVAR_RANGE``.
+
+    Statistics are kept in fp32 even under autocast: ``exp(logvar)`` and the KL overflow or lose precision in
+    bf16/fp16.
+    """
+
+    def __init__(self, moments: torch.Tensor):
+        mean, logvar = moments.float().chunk(2, dim=1)
+        super().__init__(mean, logvar.clamp(*LOGVAR_RANGE))

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
+from .checkpointing import maybe_checkpoint
 from .unet import timestep_embedding
 
 # Official sizes (Table 1 of the paper): depth, hidden size, heads; each at patch size 2, 4 and 8.
@@ -243,10 +243,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2)
         h = h + self.pos_embed.to(h.dtype)
         for block in self.blocks:
-            if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, context, use_reentrant=False)
-            else:
-                h = block(h, c, context)
+            h = maybe_checkpoint(block, h, c, context, enabled=self.use_checkpoint and self.training)
         return self.unpatchify(self.final_layer(h, c))
 
 

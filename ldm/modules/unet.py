@@ -15,9 +15,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention
+from .checkpointing import Checkpointed
+from .norm import group_count
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -29,18 +30,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-def _groups(channels: int, preferred: int = 32, min_group_size: int = 4) -> int:
-    """Largest divisor of ``channels`` <= 32 that leaves >= 4 channels per group.
-
-    With one channel per group GroupNorm would exactly cancel the per-channel time/class embedding
-    added just before it, so tiny UNets would get no conditioning signal at all.
-    """
-    limit = max(1, min(preferred, channels // min_group_size))
-    return next(g for g in range(limit, 0, -1) if channels % g == 0)
-
-
 def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_groups(channels), channels, eps=1e-5)
+    # >= 4 channels per group: with one, GroupNorm would cancel the per-channel time/class embedding added before it
+    return nn.GroupNorm(group_count(channels, 32, min_channels=4), channels, eps=1e-5)
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -49,18 +41,7 @@ def zero_(module: nn.Module) -> nn.Module:
     return module
 
 
-class _Checkpointed(nn.Module):
-    """Runs ``_forward`` under activation checkpointing when enabled and training."""
-
-    use_checkpoint: bool = False
-
-    def forward(self, *args):
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, *args, use_reentrant=False)
-        return self._forward(*args)
-
-
-class ResBlock(_Checkpointed):
+class ResBlock(Checkpointed):
     """GN-SiLU-conv, + time embedding (added, or as GroupNorm scale/shift), GN-SiLU-dropout-zero conv, + skip."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, dropout: float = 0.0,
@@ -119,7 +100,7 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
-class SpatialTransformer(_Checkpointed):
+class SpatialTransformer(Checkpointed):
     """GN → 1×1 conv to tokens → transformer block → zero 1×1 conv back, residual."""
 
     def __init__(self, channels: int, heads: int, context_dim: int | None = None, dropout: float = 0.0,
