@@ -31,9 +31,30 @@ import torch
 from .flow import flow_network_time, shift_time
 from .guidance import cfg_model
 from .samplers import _progress, _SeededNoise
+from ldm.registry import Registry
 
 Cond = Mapping[str, torch.Tensor]
-FLOW_SAMPLERS = ("euler", "heun", "euler_maruyama")
+
+
+def _euler(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, h: float, velocity: Callable, noise: Callable,
+           diffusion_norm: float) -> torch.Tensor:
+    return x - h * v
+
+
+def _heun(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, h: float, velocity: Callable, noise: Callable,
+          diffusion_norm: float) -> torch.Tensor:
+    x_pred = x - h * v
+    return x - 0.5 * h * (v + velocity(x_pred, t_next))
+
+
+def _euler_maruyama(x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, h: float, velocity: Callable,
+                    noise: Callable, diffusion_norm: float) -> torch.Tensor:
+    # eps_hat = x + (1 - t)·v turns -D·score into + norm·eps_hat
+    return x - h * (v + diffusion_norm * (x + (1 - t) * v)) + math.sqrt(2 * diffusion_norm * t * h) * noise()
+
+
+# One step from t to t_next (h = t - t_next > 0) of each sampler.
+FLOW_SAMPLERS = Registry("flow sampler", {"euler": _euler, "heun": _heun, "euler_maruyama": _euler_maruyama})
 
 
 def flow_time_grid(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -75,8 +96,7 @@ def sample_flow(model: Callable[..., torch.Tensor], shape: Sequence[int], seeds:
     are keyword tensors batched like the samples; guidance is used when ``uncond`` is given and the scale != 1,
     only for t in ``guidance_interval`` when one is given. ``diffusion_norm`` scales the SDE's D(t) (SDE only).
     """
-    if sampler not in FLOW_SAMPLERS:
-        raise ValueError(f"unknown flow sampler '{sampler}', expected one of {FLOW_SAMPLERS}")
+    step = FLOW_SAMPLERS[sampler]  # an unknown name is refused with the known ones
     if len(seeds) == 0:
         raise ValueError("seeds must not be empty (one seed per sample)")
     if diffusion_norm < 0:
@@ -88,12 +108,6 @@ def sample_flow(model: Callable[..., torch.Tensor], shape: Sequence[int], seeds:
     for i in _progress(range(steps), progress, f"flow {sampler}"):
         t, t_next = ts[i], ts[i + 1]
         h = t - t_next  # > 0: we integrate backwards in t
-        v = velocity(x, t)
-        if sampler == "euler" or i == steps - 1:  # the last step of all three: x - t·v, the x0 prediction
-            x = x - h * v
-        elif sampler == "heun":
-            x_pred = x - h * v
-            x = x - 0.5 * h * (v + velocity(x_pred, t_next))
-        else:  # euler_maruyama; eps_hat = x + (1 - t)·v turns -D·score into + norm·eps_hat
-            x = x - h * (v + diffusion_norm * (x + (1 - t) * v)) + math.sqrt(2 * diffusion_norm * t * h) * noise()
+        last = i == steps - 1  # the last step of all three is Euler's: x - t·v, the x0 prediction
+        x = (_euler if last else step)(x, velocity(x, t), t, t_next, h, velocity, noise, diffusion_norm)
     return x

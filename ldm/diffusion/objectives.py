@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
+from ldm.registry import Registry
+
 import torch
 
 from .flow import TimeSampler, flow_loss
@@ -18,7 +20,22 @@ from .samplers import sample_ddim, sample_ddpm, sample_dpmpp_2m
 from .schedules import NoiseSchedule, make_schedule
 
 Cond = Mapping[str, torch.Tensor]
-DDPM_SAMPLERS = ("ddim", "ddpm", "dpmpp2m")
+
+
+def _ddim(model: Callable[..., torch.Tensor], eta: float, **kw: Any) -> torch.Tensor:
+    return sample_ddim(model, eta=eta, **kw)
+
+
+def _ddpm(model: Callable[..., torch.Tensor], eta: float, **kw: Any) -> torch.Tensor:
+    return sample_ddpm(model, **kw)
+
+
+def _dpmpp_2m(model: Callable[..., torch.Tensor], eta: float, **kw: Any) -> torch.Tensor:
+    return sample_dpmpp_2m(model, **kw)
+
+
+# ``eta`` is DDIM's stochasticity (0: deterministic); the ancestral and DPM-Solver++ samplers have none.
+DDPM_SAMPLERS = Registry("DDPM sampler", {"ddim": _ddim, "ddpm": _ddpm, "dpmpp2m": _dpmpp_2m})
 
 
 @dataclass(frozen=True)
@@ -28,8 +45,13 @@ class DDPM:
     min_snr_gamma: float | None = None
 
     name: ClassVar[str] = "ddpm"
-    samplers: ClassVar[tuple[str, ...]] = DDPM_SAMPLERS
+    samplers: ClassVar[Registry] = DDPM_SAMPLERS
     default_sampler: ClassVar[str] = "ddim"
+
+    @classmethod
+    def from_settings(cls, schedule: Mapping | None = None, parameterization: str = "eps",
+                      min_snr_gamma: float | None = None) -> DDPM:
+        return cls(make_schedule(**dict(schedule or {})), parameterization, min_snr_gamma)
 
     def loss(self, model: Callable[..., torch.Tensor], z: torch.Tensor, cond: Cond,
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -39,10 +61,7 @@ class DDPM:
     def sample(self, model: Callable[..., torch.Tensor], sampler: str, steps: int, eta: float, shift: float,
                guidance_interval: Sequence[float] | None, **kw: Any) -> torch.Tensor:
         """``kw``: shape, seeds, cond, uncond, guidance_scale, device, progress. ``eta``: DDIM's (0: deterministic)."""
-        kw.update(steps=steps, schedule=self.schedule, kind=self.parameterization)
-        if sampler == "ddim":
-            return sample_ddim(model, eta=eta, **kw)
-        return (sample_ddpm if sampler == "ddpm" else sample_dpmpp_2m)(model, **kw)
+        return self.samplers[sampler](model, eta, steps=steps, schedule=self.schedule, kind=self.parameterization, **kw)
 
 
 @dataclass(frozen=True)
@@ -50,8 +69,12 @@ class FlowMatching:
     time_sampler: TimeSampler
 
     name: ClassVar[str] = "flow"
-    samplers: ClassVar[tuple[str, ...]] = FLOW_SAMPLERS
+    samplers: ClassVar[Registry] = FLOW_SAMPLERS
     default_sampler: ClassVar[str] = "heun"
+
+    @classmethod
+    def from_settings(cls, time_sampler: Mapping | None = None) -> FlowMatching:
+        return cls(TimeSampler(**dict(time_sampler or {})))
 
     def loss(self, model: Callable[..., torch.Tensor], z: torch.Tensor, cond: Cond,
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -65,14 +88,18 @@ class FlowMatching:
                            **kw)
 
 
-OBJECTIVES = {"ddpm": DDPM, "flow": FlowMatching}
+OBJECTIVES = Registry("objective", {"ddpm": DDPM, "flow": FlowMatching})
+SETTINGS = {"ddpm": ("schedule", "parameterization", "min_snr_gamma"), "flow": ("time_sampler",)}
 
 
-def make_objective(name: str = "ddpm", schedule: Mapping | None = None, parameterization: str = "eps",
-                   min_snr_gamma: float | None = None, time_sampler: Mapping | None = None) -> DDPM | FlowMatching:
-    """The objective ``name`` from the config's settings (those of the other objective are ignored)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {name!r}")
-    if name == "flow":
-        return FlowMatching(TimeSampler(**dict(time_sampler or {})))
-    return DDPM(make_schedule(**dict(schedule or {})), parameterization, min_snr_gamma)
+def make_objective(name: str = "ddpm", **settings: Any) -> DDPM | FlowMatching:
+    """The objective ``name`` built from its own settings (``SETTINGS[name]``). A setting of the other objective is
+    refused like any unknown key: it would otherwise be read by nothing, and the run would not be what its config
+    says."""
+    objective = OBJECTIVES[name]
+    foreign = sorted(set(settings) - set(SETTINGS[name]))
+    if foreign:
+        raise ValueError(f"objective={name!r} takes {', '.join(SETTINGS[name])}; {', '.join(foreign)} "
+                         f"{'does' if len(foreign) == 1 else 'do'} not apply to it: remove "
+                         f"{'it' if len(foreign) == 1 else 'them'}")
+    return objective.from_settings(**settings)

@@ -120,7 +120,7 @@ class LatentDiffusion(pl.LightningModule):
         text_encoder_config: Mapping | None = None,
         objective: str = "ddpm",
         schedule: Mapping | None = None,
-        parameterization: str = "eps",
+        parameterization: str | None = None,
         min_snr_gamma: float | None = None,
         time_sampler: Mapping | None = None,
         cond_drop_prob: float = 0.1,
@@ -166,7 +166,10 @@ class LatentDiffusion(pl.LightningModule):
         check_range("min_snr_gamma", min_snr_gamma, 0, above=True)
         self.input_mode, self.sample_posterior = input, sample_posterior
         # The training objective (DDPM or flow matching): its loss and its samplers (ldm.diffusion.objectives).
-        self.objective = make_objective(objective, schedule, parameterization, min_snr_gamma, time_sampler)
+        # Only the settings the config gives: one that belongs to the other objective is refused there.
+        settings = dict(schedule=schedule, parameterization=parameterization, min_snr_gamma=min_snr_gamma,
+                        time_sampler=time_sampler)
+        self.objective = make_objective(objective, **{k: v for k, v in settings.items() if v is not None})
         self.sample_steps, self.sample_cfg, self.sample_eta = sample_steps, sample_cfg, sample_eta
         self.sample_shift = sample_shift
         self.guidance_interval = tuple(guidance_interval) if guidance_interval is not None else None
@@ -429,7 +432,7 @@ class LatentDiffusion(pl.LightningModule):
         sampler = sampler or self.objective.default_sampler
         if sampler not in self.objective.samplers:
             raise ValueError(f"sampler {sampler!r} does not fit objective={self.objective.name!r}: use one of "
-                             f"{self.objective.samplers}")
+                             f"{', '.join(self.objective.samplers)}")
         n = len(seeds)
         cond, uncond = self.conditioning.for_sampling(n, self.device, labels, texts)
         scale = self.sample_cfg if cfg is None else cfg
