@@ -1,4 +1,4 @@
-"""Every config in ``configs/`` trains as shipped (issue 21): four of the six full-size stage-2 configs crashed at their
+"""Every config in ``configs/`` trains as shipped: four of the six full-size stage-2 configs crashed at their
 first step and no test had ever trained one.
 
 ``test_config_trains`` is parametrised over the folder, so a new config is covered without editing this file. Each
@@ -8,8 +8,9 @@ cache of a random tiny autoencoder) or Fashion-MNIST, with only sizes shrunk: wi
 epoch lengths and step schedules (``shrink``). Stage-2 configs then sample and decode; stage-1 configs encode and
 decode. A data config (no ``model``) trains after the tiny LiteVAE; an ablation plan trains each of its variants.
 
-``test_true_size_parameter_counts`` builds every config's networks at their real size on the meta device and checks
-the count printed in the README's config tables.
+``test_true_size_parameter_counts`` builds every config's networks at their real size on the meta device (each size
+preset of a config with a top-level ``size`` key) and checks the count printed in the configs tables of
+docs/stage1.md and docs/stage2.md.
 """
 from __future__ import annotations
 
@@ -231,10 +232,16 @@ def test_config_trains(bases, overrides, assets, tmp_path):
             assert autoencoder.decode(z).shape == x.shape and torch.isfinite(z).all()
 
 
-def true_size_counts(config_path: str) -> str:
+CONFIG_TABLES = ("docs/stage1.md", "docs/stage2.md")
+
+
+def true_size_counts(config_path: str, size: str | None = None) -> str:
     """Parameters of a config's networks at their real size, built on the meta device (no memory, no weights):
     stage 1 ``encoder / decoder / discriminator`` (quant convs with their half), stage 2 the backbone."""
-    model = OmegaConf.load(ROOT / config_path).model
+    config = OmegaConf.load(ROOT / config_path)
+    if size is not None:
+        config.size = size
+    model = config.model
     with torch.device("meta"):
         if model.target.endswith("AutoencoderModule"):
             ae = instantiate_from_config(model.params.autoencoder)
@@ -249,11 +256,23 @@ def true_size_counts(config_path: str) -> str:
     return " / ".join(f"{c:,}" for c in counts)
 
 
-@pytest.mark.parametrize("config", model_configs())
-def test_true_size_parameter_counts(config):
-    counts = true_size_counts(config)
-    rows = [line for line in (ROOT / "README.md").read_text().splitlines()
-            if line.startswith("|") and f"`{config}`" in line]
-    assert rows, f"README.md has no config-table row naming `{config}`"
+def size_cases() -> list:
+    """(config, size preset or None): every preset of a config that has a top-level ``size`` key."""
+    from autoencoder.litevae_encoder import PRESETS
+    cases = []
+    for config in model_configs():
+        sizes = sorted(PRESETS) if "size" in OmegaConf.load(ROOT / config) else [None]
+        cases += [pytest.param(config, s, id=f"{config}::{s}" if s else config) for s in sizes]
+    return cases
+
+
+@pytest.mark.parametrize("config, size", size_cases())
+def test_true_size_parameter_counts(config, size):
+    counts = true_size_counts(config, size)
+    default = size == OmegaConf.load(ROOT / config).get("size")
+    rows = [line for doc in CONFIG_TABLES for line in (ROOT / doc).read_text().splitlines()
+            if line.startswith("|") and f"`{config}`" in line
+            and (f"`size={size}`" in line or (default and "`size=" not in line) or size is None)]
+    assert rows, f"{CONFIG_TABLES} have no config-table row naming `{config}`" + (f" `size={size}`" if size else "")
     assert any(re.search(rf"\|\s*{re.escape(counts)}\s*\|", row) for row in rows), \
-        f"README.md's row for {config} should give the parameters {counts}"
+        f"the row for {config} {size or ''} should give the parameters {counts}"

@@ -101,5 +101,6 @@ def make_objective(name: str = "ddpm", **settings: Any) -> DDPM | FlowMatching:
     if foreign:
         raise ValueError(f"objective={name!r} takes {', '.join(SETTINGS[name])}; {', '.join(foreign)} "
                          f"{'does' if len(foreign) == 1 else 'do'} not apply to it: remove "
-                         f"{'it' if len(foreign) == 1 else 'them'}")
+                         f"{'it' if len(foreign) == 1 else 'them'} from the config, or set {'it' if len(foreign) == 1 else 'them'} "
+                         "to null on the command line")
     return objective.from_settings(**settings)
