@@ -14,9 +14,9 @@ help:
 	@echo "make test    run the test suite (CPU)"
 	@echo "make demo    the whole pipeline on Fashion-MNIST 64x64 (CPU, <25 min)"
 	@echo "make compare LiteVAE vs SD-VAE: cost, reconstruction (Fashion-MNIST, photos), downstream LDM (CPU, <60 min)"
-	@echo "make compare-full the settled version: + LiteVAE-S widths, 1200/1500 steps, 3 repeats (CPU, hours: README)"
+	@echo "make compare-full the settled version: + LiteVAE-S widths, 1200/1500 steps, 3 repeats (CPU, hours: docs/results/compare_full.md)"
 	@echo "make scale-study  stage-1 photo study at compare-full's budget, 3 repeats (reuses its photo runs)"
-	@echo "make probe-study  do latent probes predict downstream FID? 10 first stages, 2 repeats (issue 26)"
+	@echo "make probe-study  do latent probes predict downstream FID? 10 first stages, 2 repeats (docs/results/probe_study.md)"
 	@echo "make compare-dit  the same comparison with a DiT + flow-matching downstream model (reuses make compare's stage 1)"
 	@echo "make bench   all benchmark suites, quick CPU version"
 
@@ -46,7 +46,7 @@ endef
 data: data-fmnist data-photos
 
 data-fmnist:
-	$(call debian_data,$(FMNIST),dataset-fashion-mnist,or set the data roots: README)
+	$(call debian_data,$(FMNIST),dataset-fashion-mnist,or set the data roots: docs/stage1.md)
 
 data-photos:
 	$(call debian_data,$(PHOTOS),endless-sky-data,configs/data/photos64.yaml)
@@ -63,7 +63,7 @@ demo: setup data-fmnist
 compare: setup data
 	$(PY) scripts/compare_encoders.py
 
-# The budget where the ranking settles (README: "Does LiteVAE keep its promise"); the scale study trains the plan's
+# The budget where the ranking settles (docs/results/compare_full.md); the scale study trains the plan's
 # variants that the comparison lacks and reuses its arms' photo runs (same keys, steps and seeds).
 FULL_OUT := outputs/compare_full
 compare-full: setup data

@@ -1,5 +1,5 @@
 """LiteVAE (or any autoencoder of this repository) as a diffusers model: ``ModelMixin`` + ``ConfigMixin``, with
-``AutoencoderKL``'s interface, so a diffusers pipeline can take it as its ``vae`` (issue 27).
+``AutoencoderKL``'s interface, so a diffusers pipeline can take it as its ``vae``.
 
     from autoencoder.diffusers_model import LiteVAEModel
     vae = LiteVAEModel.from_pretrained("exports/litevae_diffusers")   # config.json + diffusion_pytorch_model.safetensors

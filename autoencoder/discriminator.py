@@ -3,7 +3,7 @@
 Both return ``(global_logits, map_logits)`` so the loss treats them alike:
 
 * :class:`UNetDiscriminator` — the U-Net GAN discriminator of Schönfeld et al. (CVPR 2020), which
-  LiteVAE uses (spec §3.1, Table 10): a BigGAN-style residual encoder gives one logit per image, a
+  LiteVAE uses (LiteVAE paper, Table 10): a BigGAN-style residual encoder gives one logit per image, a
   residual decoder with skip connections gives one logit per pixel. Simplified: no self-attention,
   no class projection, no CutMix consistency regularisation.
 * :class:`PatchGANDiscriminator` — the pix2pix / LDM "NLayer" PatchGAN (``global_logits`` is None).

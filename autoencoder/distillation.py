@@ -1,4 +1,4 @@
-"""Encoder distillation (issue 27): a LiteVAE encoder trained to reproduce a frozen teacher autoencoder's posterior,
+"""Encoder distillation: a LiteVAE encoder trained to reproduce a frozen teacher autoencoder's posterior,
 with the teacher's decoder reused, so the latent space, and every diffusion model trained on it, stays the
 teacher's while the encoder gets cheaper.
 

@@ -1,11 +1,11 @@
-"""LiteVAE encoder (arXiv 2405.14477, spec §1): fixed Haar DWT → three feature UNets → aggregator UNet.
+"""LiteVAE encoder (arXiv 2405.14477, Fig. 1, App. G): fixed Haar DWT → three feature UNets → aggregator UNet.
 
 ``wavelet`` swaps the Haar front end for any discrete PyWavelets wavelet (``db2``, ``sym4``, ...) with
 boundary mode ``wavelet_mode``; ``autoencoder.wavelets.dwt_pyramid`` crops its bands to the Haar sizes
 (H/2, H/4, H/8; its docstring says how sizes grow with the filter length), so the band channels, the
 networks and the parameter count are those of Haar. ``haar`` (default) keeps the fast path and its numbers.
 
-Differences from the paper's App.-G pseudocode, on purpose (spec §1.6): each level uses its own
+Differences from the paper's App.-G pseudocode, on purpose: each level uses its own
 extractor (the pseudocode calls F_1 for level 2), the levels come from one DWT pass (same numbers as
 three separate ``wavedec2`` calls), the encoder's mid blocks are plain GroupNorm ResBlocks (SMC is a
 decoder change), and there is no 1×1 ``quant_conv`` (Table 17).
@@ -28,7 +28,7 @@ DWT_LEVELS = 3
 DOWNSAMPLE_FACTOR = 2**DWT_LEVELS
 
 # Tables 23/24: (extractor C, extractor ch_mult, aggregator C, aggregator ch_mult). num_res_blocks = 2
-# reproduces every published parameter count exactly (spec §1.5).
+# reproduces every published parameter count exactly (Tables 2 and 3).
 PRESETS: dict[str, tuple[int, tuple[int, ...], int, tuple[int, ...]]] = {
     "S": (16, (1, 2, 2), 16, (1, 2, 2)),
     "B": (32, (1, 2, 3), 32, (1, 2, 3)),
@@ -101,7 +101,7 @@ class LiteVAEEncoder(nn.Module):
     ``downsample`` brings the level-1 and level-2 features to H/8: ``"avgpool"`` (parameter-free,
     reproduces the published sizes) or ``"conv"`` (a learned 3×3 conv with stride 4 resp. 2, +2,616
     params for RGB; a stride-4 3×3 kernel skips one row/column in four, kept only as the option the
-    paper's "41.425M" hints at, spec §1.3).
+    paper's "41.425M" in Table 3 hints at).
 
     ``norm_groups`` / ``min_group_channels``: GroupNorm's group count in every UNet block, and the rule for
     narrow layers: at least this many channels per group (1: off, the paper's configs; see

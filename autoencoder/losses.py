@@ -1,8 +1,8 @@
-"""LiteVAE stage-1 objective (spec §3.1): pixel + LPIPS + KL + wavelet-HF + Gaussian-HF + adversarial.
+"""LiteVAE stage-1 objective (paper Eq. 1, §4.3): pixel + LPIPS + KL + wavelet-HF + Gaussian-HF + adversarial.
 
 The paper publishes none of the loss weights; every weight is a constructor argument whose default
-is justified in the README's loss-weights table. All losses are computed in fp32 with autocast disabled
-(GAN/VAE losses in bf16/fp16 are a known NaN source).
+is justified in docs/stage1.md, "Stage-1 loss weights and hyperparameters". All losses are computed in fp32
+with autocast disabled (GAN/VAE losses in bf16/fp16 are a known NaN source).
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def charbonnier(a: Tensor, b: Tensor, eps: float) -> Tensor:
 def wavelet_highfreq_loss(x: Tensor, xrec: Tensor, eps: float) -> Tensor:
     """Charbonnier between the level-1 Haar detail bands (H, V, D; LL excluded) of ``x`` and ``xrec``.
 
-    ``haar_dwt`` is differentiable (spec §1.6 item 6: the pseudocode's no-grad DWT would kill this loss).
+    ``haar_dwt`` is differentiable (the paper's pseudocode computes the DWT without gradients, which would kill
+    this loss).
     """
     channels = x.shape[1]
     return charbonnier(haar_dwt(x, 1)[:, channels:], haar_dwt(xrec, 1)[:, channels:], eps)
@@ -89,8 +90,8 @@ def _fp32_region(x: Tensor) -> contextlib.AbstractContextManager:
 class AutoencoderLoss(nn.Module):
     """The LiteVAE training objective with its discriminator (used by the stage-1 LightningModule).
 
-    **The paper publishes no loss weights** (spec §3.1). Every default, its source and the reason for it are in
-    one place: the README's "Stage-1 loss weights and hyperparameters" table.
+    **The paper publishes no loss weights** (Eq. 1, §4.3). Every default, its source and the reason for it are in
+    one place: docs/stage1.md, "Stage-1 loss weights and hyperparameters".
 
     Reductions: pixel, LPIPS, wavelet and Gaussian terms are per-element (per-image for LPIPS) *means*, so
     weights do not depend on resolution and a constant GAN weight is meaningful. KL is summed over C, H, W and

@@ -1,6 +1,6 @@
 """The first-stage autoencoder: any encoder (LiteVAE or SD) + the SD decoder, with the LDM API.
 
-``encode(x) -> DiagonalGaussian``, ``decode(z) -> x``, images float in [-1, 1], NCHW RGB (DESIGN.md §3).
+``encode(x) -> DiagonalGaussian``, ``decode(z) -> x``, images float in [-1, 1], NCHW RGB (docs/internals.md).
 """
 from __future__ import annotations
 

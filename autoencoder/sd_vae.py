@@ -83,7 +83,7 @@ class Decoder(nn.Module):
     ``up`` is built lowest resolution first but stored so that ``up.{len(ch_mult)-1}`` is the lowest
     resolution and ``up.0`` the full one, exactly as in LDM (the checkpoint keys depend on it).
 
-    ``use_smc=True`` (LiteVAE §4.2, spec §2.3) swaps EVERY residual block, mid blocks included, for
+    ``use_smc=True`` (LiteVAE §4.2, App. G ``ResBlockWithSMC``) swaps EVERY residual block, mid blocks included, for
     ``SMCResnetBlock`` (no GroupNorm). The mid attention keeps its GroupNorm and ``norm_out`` stays
     before ``conv_out``: the paper leaves both unspecified, and SMC is described as a replacement for
     the norm+conv pairs inside residual blocks; keeping them changes the SD decoder least.

@@ -1,4 +1,4 @@
-"""Self-modulated convolution (SMC, LiteVAE Eq. 3, spec §2.2) and the GroupNorm-free residual block (§2.3).
+"""Self-modulated convolution (SMC, LiteVAE Eq. 3) and the GroupNorm-free residual block (App. G).
 
 SMC is StyleGAN2/3 modulation + demodulation with the style vector replaced by a learned parameter:
 
@@ -59,7 +59,7 @@ class SMConv2d(nn.Module):
 
 
 class SMCResnetBlock(nn.Module):
-    """SiLU → SMC 3×3 → SiLU → dropout → SMC 3×3, plus the skip; both GroupNorms removed (spec §2.3).
+    """SiLU → SMC 3×3 → SiLU → dropout → SMC 3×3, plus the skip; both GroupNorms removed (App. G).
 
     The skip stays a PLAIN 1×1 conv (``nin_shortcut``) when the width changes, as the authors confirmed.
     """

@@ -6,7 +6,7 @@ Haar on even sizes the transform is just sums and differences of 2×2 pixel bloc
 reshapes compute several times faster, in one pass for all levels. The tests check every band
 against ``ptwt.wavedec2`` / PyWavelets.
 
-Conventions (spec §1.1, App. G):
+Conventions (the paper's App. G ``HaarTransform``):
 
 * ``haar_dwt(x, l)`` is ``cat([LL, H, V, D], dim=1) / 2**l`` where ``LL`` and ``(H, V, D)`` are the
   coarsest approximation and the coarsest detail tuple of ``ptwt.wavedec2(x, "haar", level=l)``.

@@ -1,4 +1,4 @@
-"""The probe study (issue 26): do cheap latent probes predict what a full diffusion run measures?
+"""The probe study: do cheap latent probes predict what a full diffusion run measures?
 
 First stages that differ in reconstruction and in latent quality (``STUDY_ARMS``: the tiny LiteVAE, its old group
 setting, the LiteVAE-S widths, the 5x and the equal-size SD encoders, KL weight x0.1 and x10, the scale-equivariance
@@ -82,7 +82,7 @@ def spearman_with_interval(x: Sequence[float], y: Sequence[float], resamples: in
 
 
 def predicts(c: Mapping[str, float], threshold: float = 0.7) -> bool:
-    """The issue's bar: the interval excludes 0 and |ρ| >= 0.7."""
+    """The study's bar: the interval excludes 0 and |ρ| >= 0.7."""
     return abs(c["rho"]) >= threshold and (c["low"] > 0 or c["high"] < 0)
 
 

@@ -90,7 +90,7 @@ def stage2_and_samples(pipe: Pipeline, args: argparse.Namespace, latents: Path) 
 
 
 def accuracy(pipe: Pipeline, args: argparse.Namespace, samples: Path) -> dict:
-    """The README's evaluation command (--detector only when not the default)."""
+    """The user's evaluation command, ``scripts/eval_fid.py`` (--detector only when not the default)."""
     result_file = samples / "eval.json"
     pipe.command("evaluate", EvalSamples(samples=samples / "samples.npz", ref=args.data, ref_split="validation",
                                          classifier_data=args.data, precision_recall=True,

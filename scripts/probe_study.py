@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The probe study: do cheap latent probes predict the downstream result of a full diffusion run? (issue 26)
+"""The probe study: do cheap latent probes predict the downstream result of a full diffusion run?
 
   python scripts/probe_study.py                                   # make probe-study: 8 first stages + 2 checkpoints
   python scripts/probe_study.py --ae-steps 600 --ldm-steps 1200 --out outputs/probe_study_long

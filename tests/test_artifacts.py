@@ -1,4 +1,4 @@
-"""Every artifact knows what it is and proves it is whole (issue 25): each fault case a new user found, as a test.
+"""Every artifact knows what it is and proves it is whole: each fault case a new user found, as a test.
 
 Latent caches record the first stage's weights (EMA/raw) with its SHA-256, each shard's size and hash, and are
 written by one process per (split, rank); manifests are validated on read; a resumed stage-2 run refuses other

@@ -1,4 +1,4 @@
-"""Bad input found by a probe of new-user mistakes (issue 16): each gets a clear error naming the argument at
+"""Bad input found by a probe of new-user mistakes: each gets a clear error naming the argument at
 fault, before any expensive work."""
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_misspelt_top_level_section_is_an_error(tmp_path):
 
 
 def test_replacing_a_target_replaces_its_params(tmp_path):
-    """The README's "Your own data" snippet as a second --base on a Fashion-MNIST config."""
+    """The "Your own data" snippet of docs/stage1.md as a second --base on a Fashion-MNIST config."""
     from ldm import cli
 
     own = tmp_path / "own.yaml"

@@ -1,6 +1,6 @@
 """Smoke test of scripts/benchmark.py (scripts.benchmark): every suite runs at tiny sizes and reports every ratio.
 
-Not a timing test (DESIGN.md §4): speed is measured by the script itself, never asserted here. The
+Not a timing test (docs/internals.md, "Tests"): speed is measured by the script itself, never asserted here. The
 numbers that can be checked against a reference are: the DWT error against ptwt, and the saved-bytes
 counter against a hand count.
 """
@@ -79,7 +79,7 @@ def test_roofline_suite_bounds(tmp_path):
 
 @pytest.mark.slow
 def test_train_speed_suite_rows():
-    """The training-step suite (issue 22) runs stage-1 and stage-2 variants through pl.Trainer."""
+    """The training-step suite runs stage-1 and stage-2 variants through pl.Trainer."""
     from lab.bench.train_speed import VARIANTS, run
 
     rows = run([VARIANTS[0], VARIANTS[1], VARIANTS[3]], steps=1, warmup=1, repeats=1)

@@ -1,4 +1,4 @@
-"""Bad input and faults of the latent cache (issue 16): keys that collided under the old escaping, a dataset
+"""Bad input and faults of the latent cache: keys that collided under the old escaping, a dataset
 reporting one key twice, a second autoencoder in one cache folder, and numbers or outputs checked at start.
 Each is refused or handled before any encoding where it can be, with a message naming what is at fault."""
 from __future__ import annotations
@@ -63,7 +63,7 @@ def folder_state(out: Path) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------------------ keys
 def test_tar_key_is_injective_and_reversible():
-    from ldm.cache.keys import key_from_tar, tar_key  # key_from_tar: new in issue 16
+    from ldm.cache.keys import key_from_tar, tar_key  # key_from_tar: new with the reversible escaping
 
     keys = COLLIDING + ["%", "%%2E", "a%25b", "%2", "x.%2e", "dir.v/%.y"]
     assert len({tar_key(k) for k in keys}) == len(keys)
@@ -82,7 +82,7 @@ def test_names_differing_by_dot_or_underscore_get_distinct_keys(tmp_path, model)
 
 
 def test_caches_of_the_old_key_scheme_still_read(tmp_path, model, monkeypatch):
-    """Shards whose __key__ replaced '.' by '_' (written before issue 16) read back with their original keys;
+    """Shards whose __key__ replaced '.' by '_' (written by the old key scheme) read back with their original keys;
     a sample without json falls back to unescaping __key__."""
     folder = make_images(tmp_path / "images", ["x.1.png", "y.png"])
     out = tmp_path / "cache"

@@ -1,4 +1,4 @@
-"""Stage 1 trains channels_last by default (issue 22: 1.28x on 2 CPU cores): checkpoints stay layout-free, a run
+"""Stage 1 trains channels_last by default (1.28x on 2 CPU cores): checkpoints stay layout-free, a run
 resumed across layouts keeps its optimizer right, and bf16 channels_last GroupNorm on the CPU matches the fp32 one."""
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ def test_resume_rejects_missing_run(tmp_path):
 
 
 def test_training_output_is_free_of_known_third_party_noise(tmp_path, caplog):
-    """Issue 21: the demo printed Lightning's warning with a pasted ``def training_step`` example (manual optimisation
+    """The demo used to print Lightning's warning with a pasted ``def training_step`` example (manual optimisation
     + periodic checkpoints: harmless here) and a cloud-logger advertisement at every run; real warnings still show."""
     import logging
     import warnings

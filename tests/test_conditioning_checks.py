@@ -1,4 +1,4 @@
-"""Conditioning and latent-shape mismatches are refused before step 0, naming the config keys to change (issue 21:
+"""Conditioning and latent-shape mismatches are refused before step 0, naming the config keys to change (before,
 a class-conditional config on an unlabelled cache died at step 1 with ``KeyError: ... no 'cls' labels``, and
 ``conditioning=none`` alone with ``ValueError: class-conditional UNet needs y``)."""
 from __future__ import annotations

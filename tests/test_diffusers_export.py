@@ -1,4 +1,4 @@
-"""LiteVAE as a diffusers model (issue 27): export --format diffusers, from_pretrained, AutoencoderKL's interface,
+"""LiteVAE as a diffusers model: export --format diffusers, from_pretrained, AutoencoderKL's interface,
 a diffusers pipeline (DiTPipeline) and VaeImageProcessor using it as their vae, all equal to our own model.
 Tiny random weights, nothing downloads."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Encoder distillation (issue 27): the student learns the teacher's posterior, decodes through the teacher's frozen
+"""Encoder distillation: the student learns the teacher's posterior, decodes through the teacher's frozen
 decoder, and the distilled run / export is a first stage like any other (its teacher's files not needed)."""
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def test_evaluate_autoencoder_lpips_and_factor_check(run_dir):
 
 
 def test_eval_autoencoder_names_its_image_count_and_upsampling(run_dir, tmp_path, monkeypatch, caplog):
-    """Issue 21: 6 images with --max-samples 5000 showed a bar to 5000, an rFID from 6 images without a word, and
+    """Before: 6 images with --max-samples 5000 showed a bar to 5000, an rFID from 6 images without a word, and
     --resolutions above the data's size upsampled silently."""
     totals = []
 

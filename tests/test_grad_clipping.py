@@ -1,4 +1,4 @@
-"""Gradient clipping with the fused Adam/AdamW both stages build, under every precision (issue 21).
+"""Gradient clipping with the fused Adam/AdamW both stages build, under every precision.
 
 Lightning's own clipping refuses fused optimizers under any mixed precision ("does not allow for gradient clipping
 because it performs unscaling of gradients internally"), so the full-size configs (bf16-mixed + gradient_clip_val)

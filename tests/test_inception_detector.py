@@ -53,7 +53,7 @@ def path():
 
 @pytest.fixture(scope="module")
 def detector(path):
-    # --detector PATH to default_1.pt is recognised by its SHA-256 (the README's form).
+    # --detector PATH to default_1.pt is recognised by its SHA-256 (the form of docs/evaluation.md, "FID, offline").
     return detectors.build_detector(str(path))
 
 

@@ -1,4 +1,4 @@
-"""The probe study (issue 26): its comparison arms, probe stages, statistics and report, on fake commands."""
+"""The probe study: its comparison arms, probe stages, statistics and report, on fake commands."""
 import json
 import zlib
 from pathlib import Path

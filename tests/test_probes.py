@@ -1,4 +1,4 @@
-"""Latent probes (issue 26) against closed forms and toy autoencoders with known answers."""
+"""Latent probes against closed forms and toy autoencoders with known answers."""
 import numpy as np
 import pytest
 import torch

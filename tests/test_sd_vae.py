@@ -16,7 +16,7 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def test_parameter_counts_match_spec_at_default_widths():
-    # Spec §1.5: SD-VAE encoder 34.16M (34,163,592 with double_z, z=4), decoder 49.49M (49,490,179).
+    # The paper's sizes: SD-VAE encoder 34.16M (34,163,592 with double_z, z=4), decoder 49.49M (49,490,179).
     with torch.device("meta"):  # no memory, no init time
         assert n_params(Encoder(z_channels=4, double_z=True)) == 34_163_592
         assert n_params(Decoder(z_channels=4)) == 49_490_179

@@ -1,4 +1,4 @@
-"""A run shorter than its validation and image intervals still ends with a validation number and grids (issue 21:
+"""A run shorter than its validation and image intervals still ends with a validation number and grids (before,
 30- and 50-step runs ended with empty ``images/`` folders and no ``val/*`` value)."""
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ def test_smc_decoder_has_no_groupnorm_in_residual_blocks_and_expected_size():
     res_blocks = [m for name, m in dec.named_modules() if re.fullmatch(r"mid\.block_\d|up\.\d\.block\.\d", name)]
     assert len(res_blocks) == 14 and all(isinstance(m, SMCResnetBlock) for m in res_blocks)
     gn_names = [name for name, m in dec.named_modules() if isinstance(m, nn.GroupNorm)]
-    assert gn_names == ["mid.attn_1.norm", "norm_out"]  # kept on purpose (spec §2.3 leaves them open)
+    assert gn_names == ["mid.attn_1.norm", "norm_out"]  # kept on purpose (the paper leaves them open)
     # (in, out) widths of every residual block of the default SD decoder: mid ×2, then up.3 → up.0.
     widths = [(512, 512)] * 2 + [(512, 512)] * 3 + [(512, 512)] * 3 \
         + [(512, 256), (256, 256), (256, 256)] + [(256, 128), (128, 128), (128, 128)]

@@ -1,4 +1,4 @@
-"""The stage-1 training recipe end to end (issue 3): EMA arithmetic, the discriminator schedule, bf16 on CPU,
+"""The stage-1 training recipe end to end: EMA arithmetic, the discriminator schedule, bf16 on CPU,
 exact resume, the resolution schedule, gradient accumulation and clipping, NaN handling, --init-from,
 freeze_encoder, and EMA in validation / image logging.
 

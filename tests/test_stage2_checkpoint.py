@@ -120,7 +120,7 @@ def test_changed_first_stage_is_refused(env, tmp_path, caplog):
 
 def test_first_stage_flag_is_checked(env, tmp_path):
     """--first-stage must be the recorded first stage, for a run and for an export; the stage-1 export of the
-    recorded checkpoint is (README: sample.py release/ldm.safetensors --first-stage release/litevae.safetensors)."""
+    recorded checkpoint is (docs/stage2.md, "Release format (export)": sample.py release/ldm.safetensors --first-stage release/litevae.safetensors)."""
     other, recorded = sha256_file(env["other"] / "checkpoints" / "last.ckpt"), stage1_sha(env)
     export, _ = export_diffusion(env["run"], tmp_path / "rel" / "ldm")
     for source in (env["run"], export):

@@ -1,4 +1,4 @@
-"""One step mechanic for both stages (issue 13): the EMA updates once per optimizer step (never per micro-batch) and
+"""One step mechanic for both stages: the EMA updates once per optimizer step (never per micro-batch) and
 mid-run checkpoints already hold that step's EMA; stage 1's ``global_step`` counts autoencoder steps only with the
 discriminator on, through no patch of Lightning's private hooks; the run's ``-s`` seeds stage-2 training noise.
 """

@@ -1,4 +1,4 @@
-"""The fast Haar DWT against ptwt / PyWavelets (spec §1.1: [LL, H, V, D] of wavedec2(level=l) / 2**l)."""
+"""The fast Haar DWT against ptwt / PyWavelets (the paper's App. G: [LL, H, V, D] of wavedec2(level=l) / 2**l)."""
 import numpy as np
 import ptwt
 import pytest

@@ -1,4 +1,4 @@
-"""DataLoader workers sized to the machine (issue 21): a requested count above the usable cores is lowered with one
+"""DataLoader workers sized to the machine: a requested count above the usable cores is lowered with one
 message, and a shard stream gets no more workers than it has shards (torch warned "suggested max number of worker
 ... is 2" at every loader, the shard reader "worker got no shard")."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the benchmark suites share: targets, the models they build, inputs, autocast, interleaved timing.
+"""What the benchmark suites share: the models they build, inputs, autocast, interleaved timing.
 
 The suites (one module each in ``lab.bench``) take the parsed ``scripts/benchmark.py`` arguments and a dict
 of ratios they fill; ``scripts.benchmark`` runs them. Tooling, not library: the suites build the
@@ -15,31 +15,7 @@ from autoencoder.litevae_encoder import LiteVAEEncoder
 from autoencoder.sd_vae import Encoder as SDEncoder
 from lab.bench.measure import time_round_robin
 
-# Ratio key -> (target, "min" | "max"): what the issue asks of a CPU run.
-TARGETS = {
-    "encoder_throughput_B_vs_sd": (4.5, "min"),
-    # Issue 12: keep the CPU throughput ratio within 5 % of the compute (FLOP) ratio.
-    "encoder_throughput_B_vs_flop_ratio": (0.95, "min"),
-    "inference_peak_mem_B_vs_sd": (0.36, "max"),
-    "train_saved_bytes_B_vs_sd": (0.6, "max"),
-    "dwt_fwd_speedup_vs_ptwt": (3.0, "min"),
-    "dwt_fwdbwd_speedup_vs_ptwt": (4.0, "min"),
-    "dwt_max_abs_err": (1e-5, "max"),
-    "cache_vs_bare_encoder_throughput": (0.9, "min"),
-    "train_ae_step_speedup_B_vs_sd": (1.0, "min"),
-}
-
-
-# What issue 12 asks of a CUDA run (bf16, batch 32, 256x256), eager and compiled (``_compiled`` keys), with
-# the fused GroupNorm+SiLU kernel off and on (``_fused`` keys); other ratios are reported without a target.
-GPU_TARGETS = {
-    **{f"encoder_throughput_B_vs_sd{tag}": (2.5, "min") for tag in ("", "_fused", "_compiled")},
-    **{f"train_ae_step_speedup_B_vs_sd{tag}": (1.2, "min") for tag in ("", "_fused", "_compiled")},
-    "cache_vs_bare_encoder_throughput": (0.9, "min"),
-    "inference_peak_mem_B_vs_sd": (0.36, "max"),
-}
-
-# The roofline's machine: NVIDIA H200 SXM, dense bf16 tensor-core peak and HBM3e bandwidth (issue 12).
+# The roofline's machine: NVIDIA H200 SXM, dense bf16 tensor-core peak and HBM3e bandwidth.
 H200_PEAK_FLOPS, H200_PEAK_BYTES_PER_S = 989e12, 4.8e12
 
 
@@ -127,17 +103,3 @@ def autoencoder(encoder: str, args, decoder_ch: int = 128, checkpointing: bool =
                            "activation_checkpointing": checkpointing}})
     dec_cfg = {"target": "autoencoder.sd_vae.Decoder", "params": {"z_channels": 4, "ch": decoder_ch}}
     return prepare(Autoencoder(enc_cfg, dec_cfg, z_channels=4), args)
-
-# -------------------------------------------------------------------------------------------------- CLI
-def check_targets(ratios: dict, targets: dict = TARGETS) -> list[str]:
-    lines = []
-    for key, value in ratios.items():
-        target = targets.get(key)
-        if target is None:
-            lines.append(f"  {key:36s} {value}")
-            continue
-        bound, kind = target
-        ok = value >= bound if kind == "min" else value <= bound
-        lines.append(f"  {key:36s} {value:<10g} target {'>=' if kind == 'min' else '<='} {bound:g}  "
-                     f"{'met' if ok else 'NOT met'}")
-    return lines

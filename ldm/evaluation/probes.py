@@ -1,4 +1,4 @@
-"""Latent probes: cheap signals of how well a first stage's latents suit diffusion (issue 26).
+"""Latent probes: cheap signals of how well a first stage's latents suit diffusion.
 
 Each probe takes images in [-1, 1] and/or latents (N, C, h, w) and returns plain floats, so the same code serves
 ``scripts/probe_latents.py``, the stage-1 ``LatentProbes`` callback and the probe study:

@@ -1,4 +1,4 @@
-"""Adapters that give autoencoders made elsewhere the first-stage API (DESIGN.md §3 "Autoencoder API").
+"""Adapters that give autoencoders made elsewhere the first-stage API (docs/internals.md).
 
 ``ldm.checkpoints.load_first_stage`` stays the one entry point: it dispatches here for a diffusers folder.
 """

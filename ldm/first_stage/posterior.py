@@ -1,4 +1,4 @@
-"""The posterior every first stage's ``encode(x)`` returns (DESIGN.md §3): a diagonal Gaussian q(z|x).
+"""The posterior every first stage's ``encode(x)`` returns (docs/internals.md): a diagonal Gaussian q(z|x).
 
 One class for all encoders: ours (``DiagonalGaussian`` builds it from the network's moments, clamping the log-variance),
 tiled encodes (``ldm.tiling`` blends mean, log-variance and std), and deterministic encoders (DC-AE, TAESD:
