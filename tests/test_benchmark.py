@@ -99,3 +99,29 @@ def test_out_is_checked_before_timing(tmp_path, monkeypatch):
     monkeypatch.setitem(benchmark.EXTRA_SUITES, "roofline", lambda *a, **k: pytest.fail("ran before checking --out"))
     with pytest.raises(SystemExit, match="is a folder"):
         benchmark.main(["--suite", "roofline", "--resolution", "32", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("variant", [0, 3], ids=["stage 1", "stage 2"])
+def test_the_step_profile_times_the_real_training_step(variant, monkeypatch):
+    """The profiler hooks the module's own training_step (a counter on it sees every profiled step): every network's
+    forward and backward and every optimizer step are measured, and together they fit inside each step."""
+    from lab.bench.step_profile import StepTimer
+    from lab.bench.train_speed import VARIANTS, fit
+
+    v = VARIANTS[variant]
+    calls = []
+    cls = type(fit(v, 1))
+    original = cls.training_step
+    monkeypatch.setattr(cls, "training_step", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    timer = StepTimer(warmup=1)
+    fit(v, 3, 1, [timer])
+    assert len(calls) == 4 and len(timer.steps) == 3
+    parts, step = timer.parts()
+    networks = ("encoder", "decoder", "discriminator") if v.stage == 1 else ("backbone",)
+    for name in networks:
+        assert parts[f"{name} forward"] > 0 and parts[f"{name} backward"] > 0, name
+    assert all(parts[k] > 0 for k in parts if "optimizer" in k) and any("optimizer" in k for k in parts)
+    for s in timer.steps:  # the measured intervals are disjoint parts of the step: together never more than it
+        inside = sum(v for k, v in s.items() if k.endswith(" forward") or "optimizer" in k) + s["backward"]
+        assert 0 < inside <= s["step"]
+    assert step > 0
